@@ -1,0 +1,131 @@
+"""Evaluation-generation throughput: the GSM8K test split (1,319 questions x 5 samples, up to 512 new tokens).
+
+    python bench/bench_eval_generation.py --batch 120,240 --chunks 2      # on one H100 (device tool)
+    python bench/bench_eval_generation.py --tiny --batch 10 --chunks 2 --max-new 16   # CPU smoke test
+
+Random-weight Llama-3.1-8B architecture (see bench_grpo_step.py), so every sample runs to the 512-token limit:
+the worst case. For each batch size it times whole chunks of `batch` rows with FastGenerator (the first chunk
+also packs weights and captures graphs, reported apart) and EXTRAPOLATES the full split from the steady chunk time:
+pack + capture + ceil(6595 / rows per chunk) x chunk seconds. With --hf-tokens N it also times HF generate
+(dynamic cache, sampling) for N forced new tokens at the same batch, and extrapolates it per decode step the same way.
+Appends a markdown table to $OUT/bench_eval_generation.md (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.bench_grpo_step import build_model, build_tokenizer, device_line, gsm8k_rows, sync  # noqa: E402
+from grpo_gsm8k.fastgen import FastGenerator  # noqa: E402
+
+QUESTIONS, SAMPLES = 1319, 5
+
+
+def test_prompts(tokenizer) -> list[list[int]]:
+    system = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["system_prompt"]
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": r["question"]}]
+             for r in gsm8k_rows("test", QUESTIONS)]
+    return [list(ids) for ids in tokenizer.apply_chat_template(chats, add_generation_prompt=True, tokenize=True,
+                                                               return_dict=True)["input_ids"]]
+
+
+def time_fast(model, tokenizer, prompts, batch: int, chunks: int, max_new: int, label: str = "fast") -> dict:
+    per_chunk = batch // SAMPLES  # questions per chunk: all 5 samples of a question share one prefill
+    gen = FastGenerator(model, tokenizer, max_new_tokens=max_new, temperature=0.8, max_batch=per_chunk * SAMPLES,
+                        vocab_size=len(tokenizer), kv_bucket=128)
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    sync()
+    start = time.perf_counter()
+    gen.generate(prompts[:per_chunk], SAMPLES, seed=0)  # first chunk: pack + capture + one chunk
+    first = time.perf_counter() - start
+    setup = gen.stats.pack_s + gen.stats.capture_s
+    tokens_before = gen.stats.completion_tokens
+    start = time.perf_counter()
+    samples = gen.generate(prompts[per_chunk:per_chunk * chunks], SAMPLES, seed=1)
+    steady = (time.perf_counter() - start) / max(chunks - 1, 1)
+    tokens = (gen.stats.completion_tokens - tokens_before) / max(chunks - 1, 1)
+    n_chunks = math.ceil(QUESTIONS / per_chunk)
+    return {"engine": label, "batch": per_chunk * SAMPLES, "first_chunk_s": first, "setup_s": setup,
+            "chunk_s": steady, "ms_per_decode_step": 1000 * steady / max_new, "tokens_per_s": tokens / steady,
+            "mean_len": sum(len(s.completion_ids) for s in samples) / max(len(samples), 1),
+            "extrapolated_min": (setup + n_chunks * steady) / 60, "peak_gib": peak_gib()}
+
+
+def time_hf(model, tokenizer, prompts, batch: int, new_tokens: int, max_new: int) -> dict:
+    per_chunk = batch // SAMPLES
+    rows = [p for p in prompts[:per_chunk] for _ in range(SAMPLES)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = (torch.arange(width, device=model.device)[None] >= torch.tensor([width - len(r) for r in rows],
+                                                                            device=model.device)[:, None]).long()
+    kwargs = dict(do_sample=True, temperature=0.8, pad_token_id=tokenizer.pad_token_id, attention_mask=mask)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+    sync()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    sync()
+    per_step = (time.perf_counter() - start) / new_tokens
+    n_chunks = math.ceil(QUESTIONS / per_chunk)
+    return {"engine": f"hf generate ({new_tokens} tokens timed)", "batch": len(rows), "chunk_s": per_step * max_new,
+            "ms_per_decode_step": 1000 * per_step, "tokens_per_s": len(rows) / per_step,
+            "extrapolated_min": n_chunks * per_step * max_new / 60, "peak_gib": peak_gib()}
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def table(results: list[dict], max_new: int) -> str:
+    lines = [f"| engine | rows/chunk | ms/decode step | completion tok/s | chunk s ({max_new} tok) | setup s | "
+             f"test split {QUESTIONS}x{SAMPLES}, EXTRAPOLATED min | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['engine']} | {r['batch']} | {r['ms_per_decode_step']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['chunk_s']:.1f} | {r.get('setup_s', 0):.1f} | {r['extrapolated_min']:.1f} | "
+                     f"{r['peak_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", default="120,240", help="rows per chunk, comma-separated")
+    parser.add_argument("--chunks", type=int, default=2, help="chunks timed per batch size (the first is warm-up)")
+    parser.add_argument("--max-new", type=int, default=512)
+    parser.add_argument("--hf-tokens", type=int, default=0, help="also time HF generate for this many tokens")
+    parser.add_argument("--compare-torch", action="store_true", help="also time the first batch without Triton")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    cli = parser.parse_args()
+    tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
+    model = build_model(tokenizer, cli.tiny).eval()
+    prompts = test_prompts(tokenizer)
+    results = []
+    for batch in (int(b) for b in cli.batch.split(",")):
+        results.append(time_fast(model, tokenizer, prompts, batch, cli.chunks, cli.max_new))
+        print(results[-1], flush=True)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if cli.compare_torch:  # the same generator with the Triton kernels off: their share of the decode step
+        os.environ["FASTGEN_TRITON"] = "0"
+        batch = int(cli.batch.split(",")[0])
+        results.append(time_fast(model, tokenizer, prompts, batch, cli.chunks, cli.max_new, "fast, FASTGEN_TRITON=0"))
+        os.environ.pop("FASTGEN_TRITON")
+        print(results[-1], flush=True)
+    if cli.hf_tokens:
+        results.append(time_hf(model, tokenizer, prompts, int(cli.batch.split(",")[0]), cli.hf_tokens, cli.max_new))
+        print(results[-1], flush=True)
+    report = f"\n### bench_eval_generation · {device_line()}\n\n{table(results, cli.max_new)}"
+    print(report, flush=True)
+    with open(Path(cli.out) / "bench_eval_generation.md", "a") as handle:
+        handle.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Seconds per GRPO optimizer step at the study's shape: plain TRL GRPOTrainer vs our fast path, same run.
+
+    python bench/bench_grpo_step.py --steps 4 --engine both      # on one H100 (through the device tool)
+    python bench/bench_grpo_step.py --steps 2 --engine both --tiny   # CPU smoke test of the script itself
+
+Builds the Llama-3.1-8B architecture with random bf16 weights on the GPU (no download) and a small BPE tokenizer
+trained on GSM8K questions; lm_head outputs beyond that tokenizer's vocabulary are masked (TRL's generate) or
+excluded (our sampler's vocab_size), so completions decode. Random weights almost never emit EOS: every completion
+runs to max_completion_length, the worst case, identically for both paths. Shape as in the anchors: LoRA r=16
+all-linear, 6 per device x 4 accumulation, 6 generations (24 completions of 256 tokens per step), beta=0.
+
+Each engine runs in its own subprocess (clean peak-memory numbers); the table gives the median of the steps after
+the first, completion tokens per second, peak allocated GiB, and the per-phase breakdown: generation (TRL's
+_generate), scoring (rest of TRL's batch preparation: rewards, padding), log-prob forward + loss (compute_loss),
+backward, optimizer. The table is printed and appended to $OUT/bench_grpo_step.md (or --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SYSTEM = "Solve the math problem. Put the final answer after ####."
+ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}, "fast": None}
+PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r["question"] + r["answer"] for r in gsm8k_rows("train", 200)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
+
+
+def gsm8k_rows(split: str, n: int) -> list[dict]:
+    with open(ROOT / f"data/gsm8k/{split}.jsonl") as handle:
+        return [json.loads(line) for _, line in zip(range(n), handle)]
+
+
+def build_model(tokenizer, tiny: bool):
+    """Llama-3.1-8B architecture (or a tiny one), random weights, lm_head masked beyond the tokenizer's ids."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    size = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024) if tiny else
+            dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256))
+    config = LlamaConfig(**size, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                         rope_scaling=None if tiny else {"rope_type": "llama3", "factor": 8.0,
+                                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 8192})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    n_ids = len(tokenizer)
+
+    def mask_unknown_ids(module, inputs, output):
+        output[..., n_ids:] = -1e4
+        return output
+
+    model.lm_head.register_forward_hook(mask_unknown_ids)
+    return model
+
+
+def correct(completions, answer, **kwargs):
+    import re
+
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [5.0 if (nums := re.findall(r"-?\d[\d,]*\.?\d*", t)) and nums[-1].replace(",", "") == a else 0.0
+            for t, a in zip(texts, answer)]
+
+
+class PhaseClock:
+    """Host-synchronised wall time per phase, reset at each optimizer step."""
+
+    def __init__(self):
+        self.current = dict.fromkeys(PHASES, 0.0)
+        self.steps: list[dict] = []
+
+    def wrap(self, owner, name: str, phase: str, subtract: str | None = None):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            before = self.current[subtract] if subtract else 0.0
+            result = original(*args, **kwargs)
+            sync()
+            inner = (self.current[subtract] - before) if subtract else 0.0
+            self.current[phase] += time.perf_counter() - start - inner
+            if name == "_generate":
+                self.current["tokens"] = self.current.get("tokens", 0) + sum(len(c) for c in result[1])
+            return result
+
+        setattr(owner, name, timed)
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_callback(clock: PhaseClock):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            sync()
+            clock.current = dict.fromkeys(PHASES, 0.0)
+            self.start = time.perf_counter()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            sync()
+            self.opt_start = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            sync()
+            clock.current["optimizer"] += time.perf_counter() - self.opt_start
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            clock.current["step"] = time.perf_counter() - self.start
+            cuda = torch.cuda.is_available()
+            clock.current["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            clock.current["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+            clock.steps.append(dict(clock.current))
+            print(f"step {state.global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in clock.current.items()),
+                  flush=True)
+
+    return StepTimer()
+
+
+def run_engine(engine: str, cli) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_gsm8k.fastgen import fast_training_overrides, make_rollout_func
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
+    start = time.perf_counter()
+    model = build_model(tokenizer, cli.tiny)
+    print(f"[{engine}] model built in {time.perf_counter() - start:.1f}s", flush=True)
+    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM},
+                                             {"role": "user", "content": r["question"]}],
+                                  "answer": r["answer"].split("####")[-1].strip()} for r in gsm8k_rows("train", 400)])
+    fast = engine == "fast"
+    extra = fast_training_overrides() if fast else ENGINES[engine]
+    args = GRPOConfig(output_dir="/tmp/bench_grpo", per_device_train_batch_size=cli.per_device,
+                      gradient_accumulation_steps=cli.accum, num_generations=cli.gens,
+                      max_completion_length=cli.max_completion, max_steps=cli.steps, logging_steps=1,
+                      learning_rate=5e-6, bf16=torch.cuda.is_available(), report_to="none", save_strategy="no",
+                      seed=0, beta=cli.beta, **extra)
+    clock = PhaseClock()
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[correct], args=args,
+                          train_dataset=dataset, callbacks=[make_callback(clock)],
+                          rollout_func=make_rollout_func(vocab_size=len(tokenizer)) if fast else None,
+                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    clock.wrap(trainer, "_generate", "generation")
+    clock.wrap(trainer, "_generate_and_score_completions", "scoring", subtract="generation")
+    clock.wrap(trainer, "compute_loss", "forward")
+    clock.wrap(trainer.accelerator, "backward", "backward")
+    trainer.train()
+    result = summarize(engine, clock.steps, args)
+    if fast:
+        stats = trainer.rollout_func.generator.stats
+        result["fastgen"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()
+                             if k != "extra"}
+        result["fastgen_chunks"] = stats.extra.get("chunks", [])
+    return result
+
+
+def summarize(engine: str, steps: list[dict], args) -> dict:
+    timed = steps[1:] or steps  # the first step carries one-off costs (allocator warm-up, graph capture, kernels)
+    median = lambda key: statistics.median(s.get(key, 0.0) for s in timed)  # noqa: E731
+    return {"engine": engine, "steps": [round(s["step"], 3) for s in steps], "s_per_step": median("step"),
+            "tokens_per_step": median("tokens"), "tokens_per_s": median("tokens") / median("step"),
+            "peak_gib": max(s["peak_gib"] for s in steps), "reserved_gib": max(s["reserved_gib"] for s in steps),
+            **{p: median(p) for p in PHASES},
+            "gradient_checkpointing": bool(args.gradient_checkpointing)}
+
+
+def table(results: list[dict]) -> str:
+    head = ("| engine | s/step (median, steps 2+) | completion tok/s | peak GiB | generation | scoring | "
+            "fwd+loss | backward | optimizer | grad ckpt |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r['engine']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | "
+            f"{r['generation']:.2f} | {r['scoring']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
+            f"{r['optimizer']:.3f} | {r['gradient_checkpointing']} |" for r in results]
+    return head + "\n".join(rows) + "\n"
+
+
+def device_line() -> str:
+    import transformers
+    import trl
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (f"{time.strftime('%Y-%m-%d %H:%M')} · {card} · torch {torch.__version__} · transformers "
+            f"{transformers.__version__} · trl {trl.__version__}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engine", default="both", help="trl | trl-static | fast | both (= trl,fast) | a,b,c")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--trl-steps", type=int, default=None, help="steps for the TRL engines (default: --steps)")
+    parser.add_argument("--per-device", type=int, default=6)
+    parser.add_argument("--accum", type=int, default=4)
+    parser.add_argument("--gens", type=int, default=6)
+    parser.add_argument("--max-completion", type=int, default=256)
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model: checks the script, on CPU too")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per engine")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    cli = parser.parse_args()
+    engines = ["trl", "fast"] if cli.engine == "both" else cli.engine.split(",")
+    if cli.child:
+        print("RESULT " + json.dumps(run_engine(engines[0], cli)), flush=True)
+        return
+    results = []
+    for engine in engines:  # one process each: peak memory and allocator state are not shared
+        steps = cli.trl_steps if engine.startswith("trl") and cli.trl_steps else cli.steps
+        argv = [f"--engine={engine}", "--child", f"--steps={steps}", f"--per-device={cli.per_device}",
+                f"--accum={cli.accum}", f"--gens={cli.gens}", f"--max-completion={cli.max_completion}",
+                f"--beta={cli.beta}", f"--out={cli.out}"] + (["--tiny"] if cli.tiny else [])
+        try:
+            proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True,
+                                  timeout=cli.timeout)
+        except subprocess.TimeoutExpired as expired:
+            print(expired.stdout or "", f"[{engine}] timed out after {cli.timeout}s", flush=True)
+            continue
+        print(proc.stdout, end="", flush=True)
+        found = [json.loads(l[7:]) for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not found:
+            print(f"[{engine}] failed with exit code {proc.returncode}", flush=True)
+            continue
+        results.append(found[0])
+    report = f"\n### bench_grpo_step · {device_line()}\n\n{table(results)}\n" + "".join(
+        f"- {r['engine']}: per-step seconds {r['steps']}" + (f"; fastgen {r['fastgen']}" if "fastgen" in r else "")
+        + "\n" for r in results)
+    print(report, flush=True)
+    with open(Path(cli.out) / "bench_grpo_step.md", "a") as handle:
+        handle.write(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Load params.yaml once into frozen dataclasses, one per section.
+
+An unknown key, a missing key or an out-of-range value raises `ParamsError` with one line that names the
+param and the fix. Stages call `load_params(path)` and read only the sections they declare in dvc.yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A param is unknown, missing or out of range; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str
+    system_prompt: str
+    hub_config: str = "main"
+    train_questions: int | str = "all"
+
+    def validate(self) -> None:
+        _check_count("data.train_questions", self.train_questions)
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    questions: int | str
+    samples: int
+
+    def validate(self, name: str) -> None:
+        _check_count(f"evaluation.sets.{name}.questions", self.questions)
+        _check(self.samples >= 1, f"evaluation.sets.{name}.samples={self.samples} must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvaluationParams:
+    sets: dict[str, EvalSet]
+
+    def validate(self) -> None:
+        _check(bool(self.sets), "evaluation.sets is empty; name at least one set, e.g. study: {questions: 20, samples: 5}")
+        for name, eval_set in self.sets.items():
+            _check(name.isidentifier(), f"evaluation.sets name {name!r} must be a plain identifier like 'study'")
+            eval_set.validate(name)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: str
+    revision: str = "main"
+    dtype: str = "bfloat16"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _check_choice("model.device", self.device, ("auto", "cpu", "cuda"))
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    engine: str = "hf"
+    max_new_tokens: int = 512
+    temperature: float = 0.8
+    top_p: float = 1.0
+    batch_size: int = 32
+
+    def validate(self) -> None:
+        _check_choice("generation.engine", self.engine, ("hf", "fast"))
+        _check(self.max_new_tokens >= 1, f"generation.max_new_tokens={self.max_new_tokens} must be >= 1")
+        _check(self.temperature > 0, f"generation.temperature={self.temperature} must be > 0 (answers are sampled)")
+        _check(0 < self.top_p <= 1, f"generation.top_p={self.top_p} must be in (0, 1]")
+        _check(self.batch_size >= 1, f"generation.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    variant: str = "study"
+    correct_value: float = 5.0
+    min_tokens: int = 50
+    full_tokens: int = 100
+    short_penalty: float = 2.5
+    format_max: float = 1.5
+
+    def validate(self) -> None:
+        from grpo_gsm8k.rewards import RewardKnobs  # its own checks name the reward.* param
+
+        try:
+            RewardKnobs(**dataclasses.asdict(self))
+        except ValueError as err:
+            raise ParamsError(str(err)) from None
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def validate(self) -> None:
+        _check(self.r >= 1, f"train.lora.r={self.r} must be >= 1")
+        _check(0 <= self.dropout < 1, f"train.lora.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    learning_rate: float
+    max_steps: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    num_generations: int
+    max_completion_length: int
+    save_steps: int
+    logging_steps: int
+    lora: LoraParams
+    lr_scheduler_type: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    temperature: float = 0.8
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    mask_truncated_completions: bool = False
+    keep_checkpoints: int = 4
+    num_processes: int = 1
+    accelerate_config: str = "configs/accelerate/ddp.yaml"
+    checkpoint_remote: str = ""
+
+    def validate(self) -> None:
+        for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
+                     "logging_steps", "max_completion_length", "keep_checkpoints", "num_processes"):
+            value = getattr(self, name)
+            _check(value >= 1, f"train.{name}={value} must be >= 1")
+        _check(self.num_generations >= 2, f"train.num_generations={self.num_generations} must be >= 2 "
+               "(GRPO compares completions within a group)")
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes
+        _check(completions % self.num_generations == 0,
+               f"train: per_device_train_batch_size x gradient_accumulation_steps x num_processes = {completions} "
+               f"completions per step is not a multiple of train.num_generations={self.num_generations}; "
+               "change one of them so whole groups fit in a step")
+        _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
+        _check(self.beta >= 0, f"train.beta={self.beta} must be >= 0")
+        _check(self.checkpoint_remote == "" or self.checkpoint_remote.startswith("s3://"),
+               f"train.checkpoint_remote={self.checkpoint_remote!r} must be an s3:// URI or \"\" for local only")
+        self.lora.validate()
+
+
+@dataclass(frozen=True)
+class SelectParams:
+    step: int
+    smoothing_window: int = 8
+
+    def validate(self) -> None:
+        _check(self.step >= 1, f"select.step={self.step} must be >= 1")
+        _check(self.smoothing_window >= 1, f"select.smoothing_window={self.smoothing_window} must be >= 1")
+
+
+@dataclass(frozen=True)
+class StatsParams:
+    alpha: float = 0.05
+    bootstrap_samples: int = 10000
+    power_target: float = 0.8
+
+    def validate(self) -> None:
+        _check(0 < self.alpha < 1, f"stats.alpha={self.alpha} must be in (0, 1)")
+        _check(0 < self.power_target < 1, f"stats.power_target={self.power_target} must be in (0, 1)")
+        _check(self.bootstrap_samples >= 100, f"stats.bootstrap_samples={self.bootstrap_samples} must be >= 100")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    pdf: bool = True
+
+    def validate(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    data: DataParams
+    evaluation: EvaluationParams
+    model: ModelParams
+    generation: GenerationParams
+    reward: RewardParams
+    train: TrainParams
+    select: SelectParams
+    stats: StatsParams
+    report: ReportParams = field(default_factory=ReportParams)
+
+    def validate(self) -> None:
+        for section in dataclasses.fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the repository root or pass --params <file>")
+    raw = yaml.safe_load(path.read_text()) or {}
+    params = _build(Params, raw, "")
+    params.validate()
+    return params
+
+
+def _build(cls, raw, prefix: str):
+    """Build dataclass `cls` from a dict, naming unknown, missing and mistyped keys by their dotted path."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(f"unknown param {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(f"missing param {prefix}{name}; add it to params.yaml")
+            continue
+        values[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _convert(hint, value, dotted: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, dotted + ".")
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        item_type = typing.get_args(hint)[1]
+        if not isinstance(value, dict):
+            raise ParamsError(f"{dotted} must be a mapping, got {value!r}")
+        return {key: _convert(item_type, item, f"{dotted}.{key}") for key, item in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return _convert(option, value, dotted)
+            except ParamsError:
+                continue
+        raise ParamsError(f"{dotted}={value!r} has the wrong type; expected {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{dotted}={value!r} must be a list")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "5e-6" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ParamsError(f"{dotted}={value!r} has the wrong type; expected {hint.__name__}")
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ParamsError(message)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name}={value!r} is not one of: {', '.join(choices)}")
+
+
+def _check_count(name: str, value: int | str) -> None:
+    _check(value == "all" or (isinstance(value, int) and value >= 1),
+           f"{name}={value!r} must be a positive number or \"all\"")

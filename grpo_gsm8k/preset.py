@@ -1,0 +1,74 @@
+"""Presets: named sets of param overrides kept in presets/<name>.yaml (dotted keys, as `dvc exp run -S` takes).
+
+    dvc exp run $(python -m grpo_gsm8k.preset cpu)          # run the pipeline with the preset applied
+    python -m grpo_gsm8k.preset cpu --write params.yaml     # or write it into a params file, then `dvc repro`
+
+Each override must name an existing param, so a typo fails here instead of silently doing nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, object]:
+    path = presets_dir / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in presets_dir.glob("*.yaml")))
+        raise ValueError(f"preset {name!r} not found in {presets_dir}; choose one of: {known}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
+    merged = copy.deepcopy(params)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ValueError(f"preset key {dotted!r} does not name a param in params.yaml; fix the preset")
+        if leaf not in node:
+            raise ValueError(f"preset key {dotted!r} does not name a param in params.yaml; fix the preset")
+        node[leaf] = value
+    return merged
+
+
+def set_param_args(overrides: dict[str, object]) -> list[str]:
+    """`-S key=value` pairs; values are JSON so dvc reads numbers, booleans and strings back unchanged."""
+    args = []
+    for dotted, value in overrides.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if any(ch.isspace() for ch in text):
+            raise ValueError(f"preset value of {dotted!r} contains whitespace; `dvc exp run $(...)` would split it")
+        args += ["-S", f"{dotted}={text}"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--write", type=Path, help="write params with the preset applied to this file")
+    args = parser.parse_args(argv)
+    try:
+        overrides = load_preset(args.name)
+        merged = apply_overrides(yaml.safe_load(args.params.read_text()), overrides)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if args.write:
+        args.write.write_text(yaml.safe_dump(merged, sort_keys=False, width=120))
+    else:
+        print(" ".join(set_param_args(overrides)))
+
+
+if __name__ == "__main__":
+    main()

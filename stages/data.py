@@ -1,0 +1,90 @@
+"""Data stage: GSM8K -> training prompts and the evaluation samples.
+
+    python -m stages.data --params params.yaml --out data/prepared
+
+Reads GSM8K through `datasets` (a local folder of train/test jsonl, or the hub id `openai/gsm8k`), writes
+`train.jsonl` (chat prompt with the system prompt from params, gold answer) and `eval/<set>.jsonl` for every set
+in `evaluation.sets`: `questions` test questions drawn with the params' seed, each listed once (the baseline and
+evaluate stages answer each `samples` times).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from grpo_gsm8k.grading import parse_gold
+from grpo_gsm8k.io import atomic_output_dir, fail, write_jsonl
+from grpo_gsm8k.params import DataParams, EvaluationParams, load_params
+
+
+def load_gsm8k(source: str, hub_config: str):
+    """Both splits as `datasets.DatasetDict`; a folder must hold train.jsonl and test.jsonl."""
+    from datasets import load_dataset
+
+    folder = Path(source)
+    if folder.is_dir():
+        files = {split: folder / f"{split}.jsonl" for split in ("train", "test")}
+        missing = [str(path) for path in files.values() if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.source={source!r} lacks {missing[0]}; "
+                                    "point it at a folder with GSM8K's train.jsonl and test.jsonl")
+        return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+    if folder.suffix or source.startswith((".", "/")):
+        raise FileNotFoundError(f"data.source={source!r} does not exist; fix the path or use 'openai/gsm8k'")
+    return load_dataset(source, hub_config)
+
+
+def chat_prompt(system_prompt: str, question: str) -> list[dict]:
+    return [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+
+
+def prepare_rows(split, system_prompt: str, indices: list[int]) -> list[dict]:
+    rows = []
+    for qid in indices:
+        example = split[qid]
+        rows.append({
+            "qid": qid,  # row index in the split: stable across runs and machines
+            "question": example["question"],
+            "answer": parse_gold(example["answer"]),
+            "prompt": chat_prompt(system_prompt, example["question"]),
+        })
+    return rows
+
+
+def choose(count: int | str, total: int, rng: random.Random) -> list[int]:
+    """`count` distinct row indices drawn with `rng`, or every row in order for "all"."""
+    if count == "all" or count >= total:
+        return list(range(total))
+    return rng.sample(range(total), count)
+
+
+def run(data: DataParams, evaluation: EvaluationParams, seed: int, out_dir: Path) -> dict:
+    dataset = load_gsm8k(data.source, data.hub_config)
+    train, test = dataset["train"], dataset["test"]
+    counts = {}
+    with atomic_output_dir(out_dir) as tmp:
+        train_ids = choose(data.train_questions, len(train), random.Random(f"{seed}-train"))
+        write_jsonl(tmp / "train.jsonl", prepare_rows(train, data.system_prompt, train_ids))
+        counts["train"] = len(train_ids)
+        for name, eval_set in evaluation.sets.items():
+            # Each set gets its own stream so adding a set never changes another set's draw.
+            ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"))
+            write_jsonl(tmp / "eval" / f"{name}.jsonl", prepare_rows(test, data.system_prompt, ids))
+            counts[name] = len(ids)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with fail():
+        params = load_params(args.params)
+        counts = run(params.data, params.evaluation, params.seed, args.out)
+    print("data:", ", ".join(f"{name} {count} questions" for name, count in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Statistics stage: compare the base and the tuned model's graded answers to the same questions.
+
+    python -m stages.stats --base results/baseline/study/completions.jsonl \
+        --tuned results/evaluate/study/completions.jsonl --train-log dvclive \
+        --out results/stats/study.json --figures results/stats/figures --swaps results/stats/swaps.json
+
+Writes the numbers (counts, Wilson intervals, two-proportion z-test, paired t/Wilcoxon on per-question scores,
+clustered GEE, cluster bootstrap, McNemar, power, grading sensitivity, lengths) to --out, the figures to
+--figures and the per-question swap-ins/outs to --swaps, all-or-nothing: bad input writes nothing. The
+statistics themselves are in grpo_gsm8k/stats.py, the figures in grpo_gsm8k/figures.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from grpo_gsm8k import figures
+from grpo_gsm8k import stats as st
+from grpo_gsm8k.io import atomic_file, atomic_output_dir, fail
+
+FIELDS = {"qid": int, "sample": int, "question": str, "gold": str, "completion": str, "n_tokens": int,
+          "correct": bool, "ambiguous": bool, "mv_correct": bool}
+FIX = "regenerate it with the baseline/evaluate stage (dvc repro)"
+EXCERPT_CHARS = 600  # of each completion in the swap table
+TAIL_CHARS = 200  # of each completion in the grading lists (the final answer sits at the end)
+MODELS = ("base", "tuned")
+# Ways to count an answer correct: the primary grader, then the grading-sensitivity variants.
+GRADINGS: dict[str, Callable[[dict], bool]] = {
+    "primary": lambda r: r["correct"],
+    "ambiguous_as_correct": lambda r: r["correct"] or r["ambiguous"],
+    "ambiguous_as_wrong": lambda r: r["correct"] and not r["ambiguous"],  # the study's "conservative" count
+    "math_verify": lambda r: r["mv_correct"],
+}
+
+
+def record_problem(record) -> str:
+    """Why a completion record is unusable, or "" if it is fine."""
+    if not isinstance(record, dict):
+        return "a record must be a JSON object"
+    for field, kind in FIELDS.items():
+        if field not in record:
+            return f"missing field {field!r}"
+        value = record[field]
+        if not (isinstance(value, bool) if kind is bool else isinstance(value, kind) and not isinstance(value, bool)):
+            return f"field {field!r} must be {kind.__name__}, got {type(value).__name__}"
+    if record["n_tokens"] < 0:
+        return "field 'n_tokens' must not be negative"
+    return ""
+
+
+def load_completions(path: Path) -> list[dict]:
+    """Validated completion records; any problem is one ValueError line naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found; run the baseline/evaluate stage that writes it (dvc repro)")
+    records, seen = [], set()
+    with path.open() as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}); {FIX}") from None
+            problem = record_problem(record)
+            key = (record.get("qid"), record.get("sample")) if not problem else None
+            if not problem and key in seen:
+                problem = f"duplicate answer qid={key[0]} sample={key[1]}"
+            if problem:
+                raise ValueError(f"{path}:{number}: {problem}; {FIX}")
+            seen.add(key)
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: holds no completion records; {FIX}")
+    return records
+
+
+def check_same_questions(base: list[dict], tuned: list[dict], base_path: Path, tuned_path: Path) -> None:
+    base_qids, tuned_qids = {r["qid"] for r in base}, {r["qid"] for r in tuned}
+    if base_qids != tuned_qids:
+        raise ValueError(f"{tuned_path}: answers {len(tuned_qids - base_qids)} question(s) not in {base_path} and "
+                         f"misses {len(base_qids - tuned_qids)}; evaluate both models on the same set")
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-question correct counts and sample counts of both models, aligned on sorted question ids."""
+    qids: np.ndarray
+    base_correct: np.ndarray
+    base_n: np.ndarray
+    tuned_correct: np.ndarray
+    tuned_n: np.ndarray
+
+    @property
+    def base_scores(self) -> np.ndarray:
+        return self.base_correct / self.base_n
+
+    @property
+    def tuned_scores(self) -> np.ndarray:
+        return self.tuned_correct / self.tuned_n
+
+
+def pair_by_question(base: list[dict], tuned: list[dict], correct_of: Callable[[dict], bool]) -> Paired:
+    def counts(records: list[dict]) -> pd.DataFrame:
+        frame = pd.DataFrame({"qid": [r["qid"] for r in records], "ok": [bool(correct_of(r)) for r in records]})
+        return frame.groupby("qid")["ok"].agg(["sum", "count"]).sort_index()
+
+    b, t = counts(base), counts(tuned)
+    return Paired(b.index.to_numpy(), b["sum"].to_numpy(int), b["count"].to_numpy(int),
+                  t["sum"].to_numpy(int), t["count"].to_numpy(int))
+
+
+def core_tests(base: list[dict], tuned: list[dict], correct_of: Callable[[dict], bool], alpha: float,
+               bootstrap_samples: int, seed: int) -> dict:
+    """The tests the grading-sensitivity analysis repeats under each way of counting correct answers."""
+    p = pair_by_question(base, tuned, correct_of)
+    counts = {"base": {"correct": int(p.base_correct.sum()), "total": int(p.base_n.sum())},
+              "tuned": {"correct": int(p.tuned_correct.sum()), "total": int(p.tuned_n.sum())}}
+    return {
+        "counts": counts,
+        "proportions": {m: c["correct"] / c["total"] for m, c in counts.items()},
+        "two_proportion": st.two_proportion_ztest(counts["tuned"]["correct"], counts["tuned"]["total"],
+                                                  counts["base"]["correct"], counts["base"]["total"]),
+        "per_question": st.paired_tests(p.base_scores, p.tuned_scores),
+        "bootstrap": st.cluster_bootstrap(p.base_correct, p.base_n, p.tuned_correct, p.tuned_n,
+                                          bootstrap_samples, seed, alpha),
+    }
+
+
+def answer_row(model: str, record: dict) -> dict:
+    keys = ("qid", "sample", "gold", "extracted", "method", "correct", "mv_correct", "ambiguous", "reason")
+    return {"model": model, **{k: record.get(k) for k in keys},
+            "completion_tail": record["completion"][-TAIL_CHARS:]}
+
+
+def grading_summary(by_model: dict[str, list[dict]], alpha: float, bootstrap_samples: int, seed: int) -> dict:
+    answers = [(m, r) for m in MODELS for r in sorted(by_model[m], key=lambda r: (r["qid"], r["sample"]))]
+    agreement = st.cohens_kappa([r["correct"] for _, r in answers], [r["mv_correct"] for _, r in answers])
+    return {
+        "agreement": agreement["agreement"], "kappa": agreement["kappa"], "kappa_note": agreement["note"],
+        "n_answers": len(answers),
+        "n_ambiguous": sum(r["ambiguous"] for _, r in answers),
+        "per_model": {m: {"correct": sum(r["correct"] for r in by_model[m]),
+                          "mv_correct": sum(r["mv_correct"] for r in by_model[m]),
+                          "ambiguous": sum(r["ambiguous"] for r in by_model[m])} for m in MODELS},
+        "disagreements": [answer_row(m, r) for m, r in answers if r["correct"] != r["mv_correct"]],
+        "ambiguous_answers": [answer_row(m, r) for m, r in answers if r["ambiguous"]],
+        "sensitivity": {name: core_tests(by_model["base"], by_model["tuned"], GRADINGS[name], alpha,
+                                         bootstrap_samples, seed) for name in GRADINGS if name != "primary"},
+    }
+
+
+def length_summary(records: list[dict]) -> dict:
+    tokens = np.array([r["n_tokens"] for r in records], float)
+    correct = np.array([r["correct"] for r in records], bool)
+    return {"n": int(tokens.size), "mean": float(tokens.mean()), "median": float(np.median(tokens)),
+            "std": float(tokens.std(ddof=1)) if tokens.size > 1 else math.nan,
+            "min": float(tokens.min()), "max": float(tokens.max()),
+            "truncated_rate": float(np.mean([bool(r.get("truncated", False)) for r in records])),
+            "mean_correct": float(tokens[correct].mean()) if correct.any() else math.nan,
+            "mean_wrong": float(tokens[~correct].mean()) if (~correct).any() else math.nan}
+
+
+def analyse(base: list[dict], tuned: list[dict], *, alpha: float, bootstrap_samples: int, seed: int,
+            power_target: float) -> dict:
+    by_model = {"base": base, "tuned": tuned}
+    result = core_tests(base, tuned, GRADINGS["primary"], alpha, bootstrap_samples, seed)
+    p = pair_by_question(base, tuned, GRADINGS["primary"])
+    n_questions = int(p.qids.size)
+    result["wilson"] = {m: st.wilson_interval(c["correct"], c["total"], alpha) for m, c in result["counts"].items()}
+    result["mcnemar"] = st.mcnemar_exact(st.majority_correct(p.base_correct, p.base_n),
+                                         st.majority_correct(p.tuned_correct, p.tuned_n))
+    answers = [(i, m, r) for i, m in enumerate(MODELS) for r in by_model[m]]
+    result["gee"] = st.gee_logistic([r["correct"] for _, _, r in answers], [i for i, _, _ in answers],
+                                    [r["qid"] for _, _, r in answers], alpha)
+    clusters = {(m, q): [] for m in MODELS for q in p.qids}
+    for _, m, r in answers:
+        clusters[(m, r["qid"])].append(float(r["correct"]))
+    icc = st.icc_anova(list(clusters.values()), [m for m, _ in clusters])
+    k = (p.base_n.sum() + p.tuned_n.sum()) / (2 * n_questions)  # mean samples per question
+    result["power"] = {**st.power_analysis(result["proportions"]["base"], result["proportions"]["tuned"], k,
+                                           icc["icc"], n_questions, alpha, power_target),
+                       "icc_raw": icc["raw"], "icc_note": icc["note"],
+                       "icc_method": "one-way ANOVA estimator on model x question clusters, each model centred "
+                                     "on its own mean (Donner 1986); negative values truncated to 0"}
+    result["grading"] = grading_summary(by_model, alpha, bootstrap_samples, seed)
+    result["lengths"] = {m: length_summary(by_model[m]) for m in MODELS}
+    result["design"] = {"questions": n_questions, "samples_per_question": float(k), "alpha": alpha,
+                        "bootstrap_samples": bootstrap_samples, "seed": seed, "power_target": power_target}
+    return result
+
+
+def representative(records: list[dict], verdict: bool) -> dict:
+    """The lowest-numbered sample whose correctness matches the model's majority verdict on the question."""
+    ordered = sorted(records, key=lambda r: r["sample"])
+    chosen = next((r for r in ordered if r["correct"] == verdict), ordered[0])
+    text = chosen["completion"]
+    return {"sample": chosen["sample"], "correct": chosen["correct"], "extracted": chosen.get("extracted"),
+            "completion": text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"}
+
+
+def swap_table(base: list[dict], tuned: list[dict]) -> list[dict]:
+    """Each question's category by majority-correct (only_tuned, only_base, both, neither) with one answer each."""
+    p = pair_by_question(base, tuned, GRADINGS["primary"])
+    base_major = st.majority_correct(p.base_correct, p.base_n)
+    tuned_major = st.majority_correct(p.tuned_correct, p.tuned_n)
+    order = ("only_tuned", "only_base", "both", "neither")
+    rows = []
+    for i, qid in enumerate(p.qids.tolist()):
+        b, t = bool(base_major[i]), bool(tuned_major[i])
+        category = "both" if b and t else "only_base" if b else "only_tuned" if t else "neither"
+        base_q = [r for r in base if r["qid"] == qid]
+        rows.append({"qid": qid, "category": category, "question": base_q[0]["question"], "gold": base_q[0]["gold"],
+                     "base_score": float(p.base_scores[i]), "tuned_score": float(p.tuned_scores[i]),
+                     "base_correct": int(p.base_correct[i]), "base_samples": int(p.base_n[i]),
+                     "tuned_correct": int(p.tuned_correct[i]), "tuned_samples": int(p.tuned_n[i]),
+                     "base_answer": representative(base_q, b),
+                     "tuned_answer": representative([r for r in tuned if r["qid"] == qid], t)})
+    return sorted(rows, key=lambda row: (order.index(row["category"]), row["qid"]))
+
+
+def draw_figures(folder: Path, result: dict, base: list[dict], tuned: list[dict], curves: dict) -> list[str]:
+    p = pair_by_question(base, tuned, GRADINGS["primary"])
+    boot, alpha = result["bootstrap"], result["design"]["alpha"]
+    figures.plot_proportions(folder / "proportion.png", result["proportions"],
+                             {m: (w["low"], w["high"]) for m, w in result["wilson"].items()},
+                             {m: (boot[m]["low"], boot[m]["high"]) for m in MODELS}, int(p.qids.size),
+                             {m: c["total"] for m, c in result["counts"].items()}, alpha)
+    figures.plot_differences(folder / "proportion_difference.png", p.qids.tolist(), p.tuned_scores - p.base_scores,
+                             boot["diff"], boot["ci_low"], boot["ci_high"], alpha)
+    figures.plot_paired(folder / "paired_questions.png", p.base_scores, p.tuned_scores)
+    figures.plot_lengths(folder / "lengths.png", pd.DataFrame(
+        [{"model": m, "n_tokens": r["n_tokens"], "correct": r["correct"]} for m, rs in zip(MODELS, (base, tuned))
+         for r in rs]))
+    if curves:
+        figures.plot_training(folder / "training.png", curves)
+    return sorted(path.name for path in folder.glob("*.png"))
+
+
+def plain(value):
+    """JSON-ready copy: numpy scalars to Python, NaN/inf to None (so json.dumps(allow_nan=False) holds)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def dumps(data) -> str:
+    return json.dumps(plain(data), indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json: Path, figures_dir: Path,
+        swaps_path: Path, *, alpha: float = 0.05, bootstrap_samples: int = 10000, seed: int = 0,
+        power_target: float = 0.8) -> dict:
+    if not 0 < alpha < 1 or not 0 < power_target < 1 or bootstrap_samples < 1:
+        raise ValueError(f"alpha ({alpha}) and power_target ({power_target}) must lie in (0, 1) and "
+                         f"bootstrap_samples ({bootstrap_samples}) be positive; fix params.yaml stats")
+    base, tuned = load_completions(Path(base_path)), load_completions(Path(tuned_path))
+    check_same_questions(base, tuned, base_path, tuned_path)
+    result = analyse(base, tuned, alpha=alpha, bootstrap_samples=bootstrap_samples, seed=seed,
+                     power_target=power_target)
+    curves, notes = figures.load_training_log(Path(train_log_dir) if train_log_dir else None)
+    shown = figures.training_panels(list(curves))
+    notes += [f"{name}: not plotted (more than {figures.MAX_TRAINING_PANELS} curves)" for name in curves
+              if name not in shown]
+    result["training"] = {"curves": sorted(curves), "notes": notes}
+    swaps = swap_table(base, tuned)
+    # Everything is computed before any output is touched; the three outputs replace old ones only together.
+    with contextlib.ExitStack() as stack:
+        figures_tmp = stack.enter_context(atomic_output_dir(Path(figures_dir)))
+        figures_tmp.chmod(0o755)  # mkdtemp makes it owner-only; the figures folder is a shared output
+        json_tmp = stack.enter_context(atomic_file(Path(out_json)))
+        swaps_tmp = stack.enter_context(atomic_file(Path(swaps_path)))
+        result["figures"] = draw_figures(figures_tmp, result, base, tuned, curves)
+        json_tmp.write_text(dumps(result))
+        swaps_tmp.write_text(dumps(swaps))
+    return plain(result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, required=True, help="base model completions.jsonl")
+    parser.add_argument("--tuned", type=Path, required=True, help="tuned model completions.jsonl")
+    parser.add_argument("--train-log", type=Path, default=None, help="dvclive folder (optional)")
+    parser.add_argument("--out", type=Path, required=True, help="statistics JSON")
+    parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
+    parser.add_argument("--swaps", type=Path, required=True, help="swap-ins/outs JSON")
+    parser.add_argument("--alpha", type=float, default=0.05)
+    parser.add_argument("--bootstrap-samples", type=int, default=10000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--power-target", type=float, default=0.8)
+    args = parser.parse_args(argv)
+    with fail():
+        result = run(args.base, args.tuned, args.train_log, args.out, args.figures, args.swaps, alpha=args.alpha,
+                     bootstrap_samples=args.bootstrap_samples, seed=args.seed, power_target=args.power_target)
+    counts, tests = result["counts"], result["two_proportion"]
+    print(f"stats: base {counts['base']['correct']}/{counts['base']['total']} -> tuned "
+          f"{counts['tuned']['correct']}/{counts['tuned']['total']}; two-proportion p={tests['p']}, "
+          f"per-question t p={result['per_question']['p_t']}, GEE p={result['gee']['p']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Train stage: GRPO (TRL `GRPOTrainer`) with LoRA adapters (peft) on the GSM8K training prompts.
+
+    python -m stages.train --model models/base --data data/prepared/train.jsonl \
+        --checkpoints models/checkpoints --live results/train/live
+
+One reward function per reward of the chosen `reward.variant`, so TRL (and dvclive) log each. A checkpoint every
+`train.save_steps` goes to `checkpoint_remote` in the background (grpo_gsm8k.checkpoint_sync); rerunning after a
+crash resumes from the newest complete checkpoint, local or on S3, at the same step and data order. Checkpoints
+belong to a run id, a hash of everything that shapes training, so changed params never resume a stale run.
+With `train.num_processes` > 1 the stage relaunches itself under `accelerate launch`.
+Departures from the study: none in the objective; the rollout engine may be grpo_gsm8k.fastgen (same sampling).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from grpo_gsm8k.io import fail, read_jsonl, write_json
+from grpo_gsm8k.params import Params, load_params
+
+RUN_FILE = "run.json"
+
+
+def run_identity(params: Params, model_dir: Path, data_path: Path) -> dict:
+    """Everything that shapes the trained weights; bookkeeping params (saving, logging, pruning) are left out."""
+    shaping = dataclasses.asdict(params.train)
+    for bookkeeping in ("save_steps", "logging_steps", "keep_checkpoints", "checkpoint_remote", "accelerate_config"):
+        shaping.pop(bookkeeping)
+    identity = {"seed": params.seed, "train": shaping, "reward": dataclasses.asdict(params.reward),
+                "engine": params.generation.engine, "model": _digest_folder_meta(model_dir),
+                "data": hashlib.sha256(data_path.read_bytes()).hexdigest()}
+    identity["run_id"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    return identity
+
+
+def _digest_folder_meta(folder: Path) -> str:
+    entries = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def claim_run(checkpoints: Path, live_dir: Path, identity: dict) -> bool:
+    """Keep the folders if they belong to this run (a resume); clear them if they hold another run's state."""
+    run_file = checkpoints / RUN_FILE
+    if run_file.is_file() and json.loads(run_file.read_text()).get("run_id") == identity["run_id"]:
+        return True
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        print(f"train: {checkpoints} holds another run's checkpoints (params changed); starting a new run")
+    for folder in (checkpoints, live_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    checkpoints.mkdir(parents=True)
+    run_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    return False
+
+
+def grpo_config(params: Params, checkpoints: Path, device: str):
+    from trl import GRPOConfig
+
+    train = params.train
+    extra = {}
+    if params.generation.engine == "fast" and device == "cuda":
+        from grpo_gsm8k.fastgen import fast_training_overrides
+
+        extra = fast_training_overrides()
+    return GRPOConfig(
+        output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, report_to="none",
+        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps, max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, num_generations=train.num_generations,
+        max_completion_length=train.max_completion_length, temperature=train.temperature, beta=train.beta,
+        loss_type=train.loss_type, mask_truncated_completions=train.mask_truncated_completions,
+        save_strategy="steps", save_steps=train.save_steps, save_total_limit=None,  # CheckpointSync prunes
+        logging_steps=train.logging_steps, bf16=device == "cuda" and params.model.dtype == "bfloat16",
+        fp16=device == "cuda" and params.model.dtype == "float16", use_cpu=device == "cpu",
+        **extra,
+    )
+
+
+def protected_steps(params: Params) -> set[int]:
+    """Checkpoints never pruned: the one select.step names, so select can always find it."""
+    return {params.select.step}
+
+
+def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, callbacks: list):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOTrainer
+
+    from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
+    from grpo_gsm8k.rewards import RewardKnobs, build_reward_funcs
+
+    device = pick_device(params.model.device)
+    location, revision = model_location(model_dir)
+    dtype = DTYPES[params.model.dtype] if device == "cuda" else DTYPES["float32"]
+    model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
+    tokenizer = load_tokenizer(model_dir)
+    rows = read_jsonl(data_path)
+    dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"], "qid": r["qid"]} for r in rows])
+    lora = params.train.lora
+    rollout = {}
+    if params.generation.engine == "fast":
+        from grpo_gsm8k.fastgen import make_rollout_func
+
+        rollout = {"rollout_func": make_rollout_func(params)}
+    return GRPOTrainer(
+        model=model, processing_class=tokenizer, args=grpo_config(params, checkpoints, device),
+        reward_funcs=build_reward_funcs(RewardKnobs(**dataclasses.asdict(params.reward))),
+        train_dataset=dataset, callbacks=callbacks, **rollout,
+        peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                               target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+    )
+
+
+def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path) -> dict:
+    from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
+    from grpo_gsm8k.training_log import LiveLogger
+
+    identity = run_identity(params, model_dir, data_path)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    resuming = claim_run(checkpoints, live_dir, identity) if main_process else True
+    remote = f"{params.train.checkpoint_remote.rstrip('/')}/{identity['run_id']}" \
+        if params.train.checkpoint_remote else None
+    try:
+        start_from = resume_path(checkpoints, remote) if resuming or remote else None
+    except RemoteUnavailable as err:
+        raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} is unreachable ({err}); "
+                         "start the server (python -m grpo_gsm8k.s3server start) or set "
+                         "train.checkpoint_remote=\"\"") from None
+    resumed_step = int(start_from.rsplit("-", 1)[1]) if start_from else 0
+    live = LiveLogger(live_dir, resume_step=resumed_step)
+    sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
+                          protect_steps=protected_steps(params))
+    trainer = build_trainer(params, model_dir, data_path, checkpoints, [live, sync])
+    if start_from:
+        print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
+    result = trainer.train(resume_from_checkpoint=start_from)
+    summary = {"run_id": identity["run_id"], "global_step": trainer.state.global_step,
+               "resumed_from_step": resumed_step, "train_loss": result.training_loss,
+               "uploaded_steps": sorted(sync.uploaded), "remote": remote or ""}
+    if main_process:
+        write_json(live_dir / "summary.json", summary)
+    return summary
+
+
+def relaunch_under_accelerate(params: Params, argv: list[str]) -> int:
+    """Run this stage again as `num_processes` workers; the per-device batch stays, so more GPUs = more prompts."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
+               "--num_processes", str(params.train.num_processes), "-m", "stages.train", *argv]
+    return subprocess.call(command, env={**os.environ, "GRPO_GSM8K_LAUNCHED": "1"})
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True)
+    parser.add_argument("--live", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with fail():
+        params = load_params(args.params)
+        if params.train.num_processes > 1 and not os.environ.get("GRPO_GSM8K_LAUNCHED"):
+            raise SystemExit(relaunch_under_accelerate(params, argv))
+        summary = run(params, args.model, args.data, args.checkpoints, args.live)
+    print("train:", json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

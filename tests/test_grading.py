@@ -1,0 +1,208 @@
+"""Tests for grpo_gsm8k.grading: extraction table, canonical numbers, gold parsing on real GSM8K, both graders."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from grpo_gsm8k.grading import (
+    answers_match,
+    canonical_number,
+    extract_answer,
+    grade,
+    is_correct,
+    is_plain_number,
+    math_verify_correct,
+    normalize_gold,
+    parse_gold,
+)
+
+GSM8K_TEST = Path(__file__).resolve().parents[1] / "data" / "gsm8k" / "test.jsonl"
+
+# completion, expected value, expected method, expected ambiguous
+EXTRACTION_CASES = [
+    ("$15", "15", "last_number", False),  # currency sign dropped
+    ("15.00", "15", "last_number", False),  # trailing zeros dropped
+    ("1,000", "1000", "last_number", False),  # thousands separator does not split
+    ("72 clips", "72", "last_number", False),  # unit after the number
+    ("#### 72", "72", "hash", False),  # the GSM8K contract
+    ("The answer is 72.", "72", "answer_is", False),  # trailing period is not a decimal point
+    ("**Answer:** $15", "15", "answer_is", False),  # markdown bold around "Answer:"
+    ("**Answer**: 18", "18", "answer_is", False),  # bold closes before the colon
+    ("#### $1,000", "1000", "hash", False),  # $ and thousands after ####
+    ("#### 15.", "15", "hash", False),  # trailing period after ####
+    ("The final answer is \\boxed{72}", "72", "boxed", False),  # boxed beats "answer is"
+    ("#### -5", "-5", "hash", False),  # minus sign survives
+    ("It dropped to −7 degrees", "-7", "last_number", False),  # unicode minus
+    ("x = -3", "-3", "last_number", False),  # minus after "=" is a sign
+    ("between 5-10 people", "10", "last_number", True),  # a hyphen after a digit is a range, not a sign
+    ("3.5", "3.5", "last_number", False),  # decimal point kept: not 35
+    ("25%", "25", "last_number", False),  # percent sign dropped
+    ("so 1/2 of it", "0.5", "last_number", False),  # fraction evaluated
+    ("#### 1,234,567", "1234567", "hash", False),  # several thousands groups
+    ("#### 0.25", "0.25", "hash", False),  # decimal below one
+    ("#### **72**", "72", "hash", False),  # bold number after ####
+    ("#### 5 + 7 = 12", "12", "hash", False),  # expression after ####: value after the last "="
+    ("She has 5 apples and 7 more.\n#### 12", "12", "hash", False),  # #### beats the last number
+    ("#### 72\nI checked it in 3 steps.", "72", "hash", False),  # #### beats a later number
+    ("The answer is 70.\n#### 72", "72", "hash", False),  # #### beats "answer is"
+    ("\\boxed{70}\n#### 72", "72", "hash", False),  # #### beats \boxed
+    ("#### 72\n#### 80", "80", "hash", True),  # markers disagree: last wins, flagged
+    ("#### 72\n#### 72", "72", "hash", False),  # repeated identical markers are fine
+    ("#### Step 1: add\nSo she has 12.", "12", "last_number", False),  # markdown heading is not a marker
+    ("\\boxed{\\frac{1}{2}}", "0.5", "boxed", False),  # nested braces in a box
+    ("\\boxed{1{,}000}", "1000", "boxed", False),  # LaTeX thousands separator
+    ("\\boxed{15 \\text{ dollars}}", "15", "boxed", False),  # unit text inside a box
+    ("\\boxed{3} then \\boxed{4}", "4", "boxed", True),  # two boxes disagree
+    ("It costs \\$15.", "15", "last_number", False),  # escaped LaTeX dollar
+    ("The answer is: Janet makes $18 per day", "18", "answer_is", False),  # words between marker and number
+    ("Answer = 4", "4", "answer_is", False),  # "answer =" form
+    ("The answer is 5. No wait, the answer is 6.", "6", "answer_is", True),  # self-correction flagged
+    ("The answer is 1,000 dollars", "1000", "answer_is", False),  # thousands after "answer is"
+    ("Total 5 + 3 = 8 apples", "8", "last_number", True),  # final sentence with several numbers
+    ("numbers 3,4,5", "5", "last_number", True),  # a list is not a thousands number
+    ("She had 3 cats. Now she has 72 clips.", "72", "last_number", False),  # one number in the last sentence
+    ("no number here", None, "none", False),  # nothing to extract
+    ("", None, "none", False),  # empty completion
+    ("#### twelve", None, "none", False),  # marker without a number and no digits anywhere
+]
+
+
+@pytest.mark.parametrize(("completion", "value", "method", "ambiguous"), EXTRACTION_CASES)
+def test_extract_answer(completion, value, method, ambiguous):
+    extraction = extract_answer(completion)
+    assert (extraction.value, extraction.method, extraction.ambiguous) == (value, method, ambiguous)
+    assert bool(extraction.reason) == ambiguous  # a reason exactly when ambiguous
+
+
+# text, canonical number
+CANONICAL_CASES = [
+    ("$1,000.00", "1000"),  # currency, thousands and zero decimals
+    ("15.50", "15.5"),  # trailing zero dropped
+    ("-3", "-3"),  # negative kept
+    ("72 clips", "72"),  # unit ignored
+    ("1/2", "0.5"),  # fraction evaluated
+    (".5", "0.5"),  # leading decimal point
+    ("-0", "0"),  # no negative zero
+    ("1000", "1000"),  # not 1E+3
+    ("abc", None),  # not a number
+    ("about 72", None),  # must start with the number
+    ("1/0", None),  # division by zero is no number
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CANONICAL_CASES)
+def test_canonical_number(text, expected):
+    assert canonical_number(text) == expected
+
+
+# text, is a plain number
+PLAIN_NUMBER_CASES = [
+    ("72", True),  # bare integer
+    (" -3.5 ", True),  # sign, decimal, padding
+    ("$1,000", True),  # dollar and thousands
+    ("72 clips", False),  # unit
+    ("15.", False),  # trailing period
+    ("1,00", False),  # malformed thousands group
+    ("", False),  # nothing
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PLAIN_NUMBER_CASES)
+def test_is_plain_number(text, expected):
+    assert is_plain_number(text) is expected
+
+
+# extracted, gold, match
+MATCH_CASES = [
+    ("72", "72", True),  # equal
+    ("72.0000001", "72", True),  # within 1e-6
+    ("72.00001", "72", False),  # outside 1e-6
+    ("1000000007", "1000000008", False),  # large integers compared exactly
+    ("1,000", "1000", True),  # non-canonical input tolerated
+    (None, "72", False),  # nothing extracted
+    ("-5", "5", False),  # sign matters
+]
+
+
+@pytest.mark.parametrize(("extracted", "gold", "expected"), MATCH_CASES)
+def test_answers_match(extracted, gold, expected):
+    assert answers_match(extracted, gold) is expected
+
+
+# bad GSM8K answer text, words the error must contain
+BAD_GOLD_CASES = [
+    ("She has 72 clips.", "####"),  # marker missing
+    ("so...\n#### many", "not followed by a number"),  # marker without a number
+]
+
+
+@pytest.mark.parametrize(("answer", "message"), BAD_GOLD_CASES)
+def test_parse_gold_rejects(answer, message):
+    with pytest.raises(ValueError, match=message):
+        parse_gold(answer)
+
+
+def test_parse_gold_takes_last_marker_and_separators():
+    assert parse_gold("first #### 3\nthen\n#### 1,000") == "1000"
+
+
+def test_normalize_gold_accepts_full_answer_or_number():
+    assert (normalize_gold("... #### 72"), normalize_gold("72"), normalize_gold(72)) == ("72", "72", "72")
+
+
+def _first_gsm8k_rows(count: int) -> list[dict]:
+    with GSM8K_TEST.open() as lines:
+        return [json.loads(next(lines)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("row", _first_gsm8k_rows(50), ids=lambda row: row["question"][:30])
+def test_real_gold_parses_and_its_own_text_grades_correct(row):
+    gold = parse_gold(row["answer"])
+    assert gold.lstrip("-").replace(".", "").isdigit()
+    result = grade(row["answer"], gold)
+    assert (result.extracted, result.method, result.correct, result.ambiguous) == (gold, "hash", True, False)
+    assert result.mv_correct and result.graders_agree
+
+
+# completion, gold, math-verify verdict
+MATH_VERIFY_CASES = [
+    ("#### 72", "72", True),  # plain marker
+    ("The answer is $1,000.", "1000", True),  # thousands and currency
+    ("The final answer is \\boxed{\\frac{1}{2}}", "0.5", True),  # LaTeX fraction vs decimal gold
+    ("#### 71", "72", False),  # wrong number
+    ("no number here", "72", False),  # nothing to parse
+    ("\\boxed{", "72", False),  # broken LaTeX must not raise
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), MATH_VERIFY_CASES)
+def test_math_verify_correct(completion, gold, expected):
+    assert math_verify_correct(completion, gold) is expected
+    assert is_correct(completion, gold) is expected  # the primary grader agrees on these simple forms
+
+
+def test_math_verify_works_outside_the_main_thread():
+    # signal-based timeouts would raise in a worker thread and read as False.
+    verdicts = []
+    worker = threading.Thread(target=lambda: verdicts.append(math_verify_correct("#### 72", "72")))
+    worker.start()
+    worker.join()
+    assert verdicts == [True]
+
+
+# completion, gold, primary correct, math-verify correct
+AGREEMENT_CASES = [
+    ("So she has 72 clips.\n#### 72", "72", True, True),  # both read the marker
+    ("#### 72\nChecked it in 3 steps.", "72", True, False),  # math-verify takes the later 3: graders disagree
+    ("The answer is 70.\n#### 72", "72", True, False),  # math-verify prefers "answer is" over ####
+    ("\\boxed{72}\n#### 70", "70", True, False),  # math-verify prefers \boxed over ####
+    ("#### 71", "72", False, False),  # both say wrong: they agree
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "correct", "mv_correct"), AGREEMENT_CASES)
+def test_grade_reports_both_graders(completion, gold, correct, mv_correct):
+    result = grade(completion, gold)
+    assert (result.correct, result.mv_correct, result.graders_agree) == (correct, mv_correct, correct == mv_correct)
