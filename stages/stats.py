@@ -283,7 +283,6 @@ def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json:
     # Everything is computed before any output is touched; the three outputs replace old ones only together.
     with contextlib.ExitStack() as stack:
         figures_tmp = stack.enter_context(atomic_output_dir(Path(figures_dir)))
-        figures_tmp.chmod(0o755)  # mkdtemp makes it owner-only; the figures folder is a shared output
         json_tmp = stack.enter_context(atomic_file(Path(out_json)))
         swaps_tmp = stack.enter_context(atomic_file(Path(swaps_path)))
         result["figures"] = draw_figures(figures_tmp, result, base, tuned, curves)

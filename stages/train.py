@@ -119,7 +119,8 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
     )
 
 
-def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path) -> dict:
+def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path,
+        summary_path: Path) -> dict:
     from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
     from grpo_gsm8k.training_log import LiveLogger
 
@@ -146,7 +147,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
                "resumed_from_step": resumed_step, "train_loss": result.training_loss,
                "uploaded_steps": sorted(sync.uploaded), "remote": remote or ""}
     if main_process:
-        write_json(live_dir / "summary.json", summary)
+        write_json(summary_path, summary)
     return summary
 
 
@@ -165,12 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--checkpoints", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
+    parser.add_argument("--summary", type=Path, required=True)
     args = parser.parse_args(argv)
     with fail():
         params = load_params(args.params)
         if params.train.num_processes > 1 and not os.environ.get("GRPO_GSM8K_LAUNCHED"):
             raise SystemExit(relaunch_under_accelerate(params, argv))
-        summary = run(params, args.model, args.data, args.checkpoints, args.live)
+        summary = run(params, args.model, args.data, args.checkpoints, args.live, args.summary)
     print("train:", json.dumps(summary))
 
 
