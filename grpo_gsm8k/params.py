@@ -125,6 +125,7 @@ class TrainParams:
     beta: float = 0.0
     loss_type: str = "dapo"
     mask_truncated_completions: bool = False
+    gradient_checkpointing: bool | str = "auto"
     keep_checkpoints: int = 4
     num_processes: int = 1
     accelerate_config: str = "configs/accelerate/ddp.yaml"
@@ -146,6 +147,8 @@ class TrainParams:
         _check(self.beta >= 0, f"train.beta={self.beta} must be >= 0")
         _check(self.checkpoint_remote == "" or self.checkpoint_remote.startswith("s3://"),
                f"train.checkpoint_remote={self.checkpoint_remote!r} must be an s3:// URI or \"\" for local only")
+        _check(self.gradient_checkpointing in (True, False, "auto"),
+               f"train.gradient_checkpointing={self.gradient_checkpointing!r} must be true, false or auto")
         self.lora.validate()
 
 

@@ -62,12 +62,12 @@ def claim_run(checkpoints: Path, live_dir: Path, identity: dict) -> bool:
 def grpo_config(params: Params, checkpoints: Path, device: str):
     from trl import GRPOConfig
 
-    train = params.train
-    extra = {}
-    if params.generation.engine == "fast" and device == "cuda":
-        from grpo_gsm8k.fastgen import fast_training_overrides
+    from grpo_gsm8k.fastgen import fast_training_overrides
 
-        extra = fast_training_overrides()
+    train = params.train
+    choice = train.gradient_checkpointing
+    # "auto" recomputes activations only on a GPU too small to keep them (see fast_training_overrides).
+    speed = fast_training_overrides(gradient_checkpointing=None if choice == "auto" else choice)
     return GRPOConfig(
         output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, report_to="none",
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
@@ -79,7 +79,7 @@ def grpo_config(params: Params, checkpoints: Path, device: str):
         save_strategy="steps", save_steps=train.save_steps, save_total_limit=None,  # CheckpointSync prunes
         logging_steps=train.logging_steps, bf16=device == "cuda" and params.model.dtype == "bfloat16",
         fp16=device == "cuda" and params.model.dtype == "float16", use_cpu=device == "cpu",
-        **extra,
+        **speed,
     )
 
 
@@ -88,7 +88,9 @@ def protected_steps(params: Params) -> set[int]:
     return {params.select.step}
 
 
-def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, callbacks: list):
+def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, callbacks: list,
+                  reward_funcs: list | None = None):
+    """The GRPOTrainer the stage runs; `reward_funcs` replaces the params' variant (tests use it)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
@@ -112,7 +114,7 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
         rollout = {"rollout_func": make_rollout_func(params)}
     return GRPOTrainer(
         model=model, processing_class=tokenizer, args=grpo_config(params, checkpoints, device),
-        reward_funcs=build_reward_funcs(RewardKnobs(**dataclasses.asdict(params.reward))),
+        reward_funcs=reward_funcs or build_reward_funcs(RewardKnobs(**dataclasses.asdict(params.reward))),
         train_dataset=dataset, callbacks=callbacks, **rollout,
         peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                target_modules=lora.target_modules, task_type="CAUSAL_LM"),
