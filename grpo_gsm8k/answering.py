@@ -99,6 +99,9 @@ def summarize(records: list[dict]) -> dict:
         "format_rate": sum(r["method"] == "hash" for r in records) / total if total else 0.0,
         "mean_tokens": sum(r["n_tokens"] for r in records) / total if total else 0.0,
         "truncated_rate": sum(r["truncated"] for r in records) / total if total else 0.0,
+        # Reward-hacking audit: the format is rewarded on its own, so watch for well-formed wrong answers.
+        "formatted_wrong_rate": sum(r["method"] == "hash" and not r["correct"] for r in records) / total
+        if total else 0.0,
         "ambiguous": sum(r["ambiguous"] for r in records),
         "math_verify_correct": sum(r["mv_correct"] for r in records),
     }

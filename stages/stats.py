@@ -264,9 +264,21 @@ def dumps(data) -> str:
     return json.dumps(plain(data), indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
 
 
+def headline(result: dict) -> dict:
+    """The few numbers `dvc metrics show` / `dvc exp show` list per set (the full analysis stays in --out)."""
+    return plain({
+        "accuracy_base": result["proportions"]["base"], "accuracy_tuned": result["proportions"]["tuned"],
+        "difference": result["bootstrap"]["diff"], "difference_ci_low": result["bootstrap"]["ci_low"],
+        "difference_ci_high": result["bootstrap"]["ci_high"], "p_two_proportion": result["two_proportion"]["p"],
+        "p_paired_t": result["per_question"]["p_t"], "p_wilcoxon": result["per_question"]["p_wilcoxon"],
+        "p_gee": result["gee"]["p"], "p_mcnemar": result["mcnemar"]["p"],
+        "mean_tokens_base": result["lengths"]["base"]["mean"], "mean_tokens_tuned": result["lengths"]["tuned"]["mean"],
+    })
+
+
 def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json: Path, figures_dir: Path,
         swaps_path: Path, *, alpha: float = 0.05, bootstrap_samples: int = 10000, seed: int = 0,
-        power_target: float = 0.8) -> dict:
+        power_target: float = 0.8, metrics_path: Path | None = None) -> dict:
     if not 0 < alpha < 1 or not 0 < power_target < 1 or bootstrap_samples < 1:
         raise ValueError(f"alpha ({alpha}) and power_target ({power_target}) must lie in (0, 1) and "
                          f"bootstrap_samples ({bootstrap_samples}) be positive; fix params.yaml stats")
@@ -285,9 +297,12 @@ def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json:
         figures_tmp = stack.enter_context(atomic_output_dir(Path(figures_dir)))
         json_tmp = stack.enter_context(atomic_file(Path(out_json)))
         swaps_tmp = stack.enter_context(atomic_file(Path(swaps_path)))
+        metrics_tmp = stack.enter_context(atomic_file(Path(metrics_path))) if metrics_path else None
         result["figures"] = draw_figures(figures_tmp, result, base, tuned, curves)
         json_tmp.write_text(dumps(result))
         swaps_tmp.write_text(dumps(swaps))
+        if metrics_tmp is not None:
+            metrics_tmp.write_text(dumps(headline(result)))
     return plain(result)
 
 
@@ -299,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="statistics JSON")
     parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
     parser.add_argument("--swaps", type=Path, required=True, help="swap-ins/outs JSON")
+    parser.add_argument("--metrics", type=Path, default=None, help="headline numbers JSON (for dvc metrics)")
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--bootstrap-samples", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
@@ -306,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with fail():
         result = run(args.base, args.tuned, args.train_log, args.out, args.figures, args.swaps, alpha=args.alpha,
-                     bootstrap_samples=args.bootstrap_samples, seed=args.seed, power_target=args.power_target)
+                     bootstrap_samples=args.bootstrap_samples, seed=args.seed, power_target=args.power_target,
+                     metrics_path=args.metrics)
     counts, tests = result["counts"], result["two_proportion"]
     print(f"stats: base {counts['base']['correct']}/{counts['base']['total']} -> tuned "
           f"{counts['tuned']['correct']}/{counts['tuned']['total']}; two-proportion p={tests['p']}, "
