@@ -138,11 +138,16 @@ class TrainParams:
             _check(value >= 1, f"train.{name}={value} must be >= 1")
         _check(self.num_generations >= 2, f"train.num_generations={self.num_generations} must be >= 2 "
                "(GRPO compares completions within a group)")
-        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes
+        completions = self.per_device_train_batch_size * self.gradient_accumulation_steps
         _check(completions % self.num_generations == 0,
-               f"train: per_device_train_batch_size x gradient_accumulation_steps x num_processes = {completions} "
-               f"completions per step is not a multiple of train.num_generations={self.num_generations}; "
+               f"train: per_device_train_batch_size x gradient_accumulation_steps = {completions} completions per "
+               f"step is not a multiple of train.num_generations={self.num_generations}; "
                "change one of them so whole groups fit in a step")
+        # Several processes split the accumulation, so a step still holds `completions` completions.
+        _check(self.gradient_accumulation_steps % self.num_processes == 0,
+               f"train.gradient_accumulation_steps={self.gradient_accumulation_steps} must be divisible by "
+               f"train.num_processes={self.num_processes} to keep {completions} completions per optimizer step; "
+               "change either")
         _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
         _check(self.beta >= 0, f"train.beta={self.beta} must be >= 0")
         _check(self.checkpoint_remote == "" or self.checkpoint_remote.startswith("s3://"),

@@ -73,7 +73,9 @@ def grpo_config(params: Params, checkpoints: Path, device: str):
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_steps, max_steps=train.max_steps,
         per_device_train_batch_size=train.per_device_train_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps, num_generations=train.num_generations,
+        # The study's batch shape is per optimizer step: N processes each accumulate 1/N of it.
+        gradient_accumulation_steps=train.gradient_accumulation_steps // train.num_processes,
+        num_generations=train.num_generations,
         max_completion_length=train.max_completion_length, temperature=train.temperature, beta=train.beta,
         loss_type=train.loss_type, mask_truncated_completions=train.mask_truncated_completions,
         save_strategy="steps", save_steps=train.save_steps, save_total_limit=None,  # CheckpointSync prunes
@@ -123,20 +125,23 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
 
 def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path,
         summary_path: Path) -> dict:
+    from accelerate import PartialState
+
     from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
     from grpo_gsm8k.training_log import LiveLogger
 
     identity = run_identity(params, model_dir, data_path)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    resuming = claim_run(checkpoints, live_dir, identity) if main_process else True
+    state = PartialState()
     remote = f"{params.train.checkpoint_remote.rstrip('/')}/{identity['run_id']}" \
         if params.train.checkpoint_remote else None
-    try:
-        start_from = resume_path(checkpoints, remote) if resuming or remote else None
-    except RemoteUnavailable as err:
-        raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} is unreachable ({err}); "
-                         "start the server (python -m grpo_gsm8k.s3server start) or set "
-                         "train.checkpoint_remote=\"\"") from None
+    with state.main_process_first():  # the main process claims the folder and fetches; the others then read it
+        resuming = claim_run(checkpoints, live_dir, identity) if state.is_main_process else True
+        try:
+            start_from = resume_path(checkpoints, remote) if resuming or remote else None
+        except RemoteUnavailable as err:
+            raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} is unreachable ({err}); "
+                             "start the server (python -m grpo_gsm8k.s3server start) or set "
+                             "train.checkpoint_remote=\"\"") from None
     resumed_step = int(start_from.rsplit("-", 1)[1]) if start_from else 0
     live = LiveLogger(live_dir, resume_step=resumed_step)
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
@@ -148,7 +153,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     summary = {"run_id": identity["run_id"], "global_step": trainer.state.global_step,
                "resumed_from_step": resumed_step, "train_loss": result.training_loss,
                "uploaded_steps": sorted(sync.uploaded), "remote": remote or ""}
-    if main_process:
+    if state.is_main_process:
         write_json(summary_path, summary)
     return summary
 
@@ -156,6 +161,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
 def relaunch_under_accelerate(params: Params, argv: list[str]) -> int:
     """Run this stage again as `num_processes` workers; the per-device batch stays, so more GPUs = more prompts."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
+               "--main_process_port", os.environ.get("GRPO_GSM8K_PORT", "29517"),
                "--num_processes", str(params.train.num_processes), "-m", "stages.train", *argv]
     return subprocess.call(command, env={**os.environ, "GRPO_GSM8K_LAUNCHED": "1"})
 

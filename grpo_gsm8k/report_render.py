@@ -1,0 +1,267 @@
+"""Render the study report (Markdown, then self-contained HTML) from the pipeline's results.
+
+Pure functions: they take already-loaded JSON and params and return text; `python -m stages.report` reads the
+files and writes the outputs. Every number in the text comes from those inputs; the only typed-in figures are
+the published study's, always labelled as published. The number formats (`fmt_p`, `fmt_pct`, `fmt_pp`,
+`fmt_num`, `fmt_count`) are public so tests can check that the report shows exactly the stats stage's numbers.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass, field
+
+import markdown
+
+LIST_ALL_QUESTIONS_UP_TO = 50  # bigger sets list only the questions that swapped, to keep the report readable
+EXCERPT_CHARS = 150
+MD_SPECIAL = "\\`*_[]|#~$<>"  # escaped as entities so answer text never turns into markup or breaks a table
+CATEGORIES = {"only_tuned": "swap-in: only the tuned model is majority-correct",
+              "only_base": "swap-out: only the base model is majority-correct",
+              "both": "both models majority-correct", "neither": "neither model majority-correct"}
+CAPTIONS = {
+    "proportion.png": "Accuracy per model with Wilson (answers independent) and cluster-bootstrap (questions "
+                      "resampled) intervals.",
+    "proportion_difference.png": "Per-question change in accuracy (tuned - base), sorted, with the mean "
+                                 "difference and its cluster-bootstrap interval.",
+    "paired_questions.png": "Each question's score under the base model against its score under the tuned model.",
+    "lengths.png": "Completion lengths in tokens, per model and by correctness.",
+    "training.png": "GRPO training curves from the dvclive log, against the optimizer step.",
+}
+SENSITIVITY = {"primary": "primary extractor", "ambiguous_as_correct": "ambiguous answers counted correct",
+               "ambiguous_as_wrong": "ambiguous answers counted wrong",
+               "math_verify": "math-verify instead of the extractor"}
+CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5;color:#222}
+table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;
+vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
+h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem}code{background:#f5f5f5}"""
+
+
+def fmt_p(p, note: str = "") -> str:
+    """A p-value: '<1e-4' when tiny, else four decimals; 'n/a (reason)' when undefined (None or NaN)."""
+    if p is None or not math.isfinite(p):
+        return f"n/a ({md_escape(note)})" if note else "n/a"
+    return "<1e-4" if p < 1e-4 else f"{p:.4f}"
+
+
+def fmt_pct(x) -> str:
+    """A proportion as a percentage with one decimal: 0.7312 -> '73.1%'."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def fmt_pp(x) -> str:
+    """A difference of proportions in signed percentage points: 0.19 -> '+19.0 pp'."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} pp"
+
+
+def fmt_num(x, digits: int = 2) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def fmt_count(correct: int, total: int) -> str:
+    return f"{correct}/{total}"
+
+
+def fmt_interval(low, high, fmt=fmt_pct) -> str:
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def fmt_param(value) -> str:
+    """A params.yaml value as written there: 5e-06, 0.04, 16, all-linear, [q_proj, v_proj]."""
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def md_escape(text: str) -> str:
+    """Model output or notes made safe inside Markdown and HTML: one line, markup characters as entities."""
+    text = html.escape(" ".join(str(text).split()), quote=False)
+    return "".join(f"&#{ord(ch)};" if ch in MD_SPECIAL else ch for ch in text)
+
+
+@dataclass(frozen=True)
+class SetResults:
+    """One evaluation set's inputs; `figures` maps each figure name to its path relative to the report."""
+    name: str
+    base: dict
+    tuned: dict
+    stats: dict
+    swaps: list
+    figures: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    params: object  # grpo_gsm8k.params.Params
+    summary: dict
+    select: dict
+    sets: list
+
+    @property
+    def headline(self) -> SetResults:
+        """The set the abstract quotes: the study's design if present, else the first set."""
+        return next((s for s in self.sets if s.name == "study"), self.sets[0])
+
+    @property
+    def confidence(self) -> str:
+        return f"{1 - self.headline.stats['design']['alpha']:.0%}"
+
+
+def model_name(source: str) -> str:
+    """'meta-llama/Llama-3.1-8B-Instruct' -> 'Llama-3.1-8B-Instruct'; a .gguf file loses its extension."""
+    return re.sub(r"\.gguf$", "", source.rstrip("/").rsplit("/", 1)[-1].removeprefix("pypi:"))
+
+
+def model_parameters(source: str) -> float | None:
+    """Parameter count read from a name like '...-135M-...' or '...-8B-...', else None."""
+    match = re.search(r"(?<![\w.])(\d+(?:\.\d+)?)([MB])(?![a-zA-Z])", model_name(source), re.IGNORECASE)
+    return float(match[1]) * (1e6 if match[2].upper() == "M" else 1e9) if match else None
+
+
+def reward_phrase(variant: str) -> str:
+    return {"study": "length-gated rewards", "naive": "ungated correctness and format rewards",
+            "correctness_only": "a correctness-only reward"}.get(variant, f"the {variant} reward")
+
+
+def design_text(stats: dict) -> str:
+    design = stats["design"]
+    k = design["samples_per_question"]
+    k_text = str(int(k)) if float(k).is_integer() else fmt_num(k, 1)
+    total = stats["counts"]["base"]["total"]
+    return f"{design['questions']} questions x {k_text} samples = {total} answers per model"
+
+
+def row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def header(*cells) -> list[str]:
+    return [row(*cells), row(*["---"] * len(cells))]
+
+
+def stat_notes(stats: dict) -> list[tuple[str, str, bool]]:
+    """(test, note, p undefined) for every statistic that carries a caveat."""
+    checks = [("two-proportion z-test", stats["two_proportion"], "note", "p"),
+              ("paired t-test", stats["per_question"], "note_t", "p_t"),
+              ("Wilcoxon test", stats["per_question"], "note_wilcoxon", "p_wilcoxon"),
+              ("GEE", stats["gee"], "note", "p"), ("McNemar test", stats["mcnemar"], "note", "p"),
+              ("cluster bootstrap", stats["bootstrap"], "note", None), ("power", stats["power"], "note", None),
+              ("ICC", stats["power"], "icc_note", None), ("grader agreement", stats["grading"], "kappa_note", None)]
+    notes = [(name, part.get(key) or "", p_key is not None and part.get(p_key) is None)
+             for name, part, key, p_key in checks]
+    notes += [("training log", note, False) for note in stats["training"]["notes"]]
+    return [(name, note, undefined) for name, note, undefined in notes if note or undefined]
+
+
+def tests_table(st: dict, conf: str) -> list[str]:
+    tp, pq, gee, mc, boot = (st[k] for k in ("two_proportion", "per_question", "gee", "mcnemar", "bootstrap"))
+    return [*header("Test", "Unit", "Estimate", f"{conf} interval", "p"),
+            row("Two-proportion z-test", "answers, as if independent", f"z = {fmt_num(tp['z'])}", "-",
+                fmt_p(tp["p"], tp["note"])),
+            row("Paired t-test", f"{pq['n']} questions", f"mean change {fmt_pp(pq['mean_diff'])}, t = "
+                f"{fmt_num(pq['t'])}", "-", fmt_p(pq["p_t"], pq["note_t"])),
+            row("Wilcoxon signed-rank", f"{pq['n']} questions", f"W = {fmt_num(pq['wilcoxon_stat'], 1)} "
+                f"({pq['wilcoxon_method']})", "-", fmt_p(pq["p_wilcoxon"], pq["note_wilcoxon"])),
+            row("Logistic GEE", "answers clustered by question", f"odds ratio {fmt_num(gee['odds_ratio'])}",
+                fmt_interval(gee["ci_low"], gee["ci_high"], fmt_num), fmt_p(gee["p"], gee["note"])),
+            row("Exact McNemar", "questions, majority verdict", f"{mc['only_tuned']} gained vs {mc['only_base']} "
+                f"lost ({mc['both']} both, {mc['neither']} neither)", "-", fmt_p(mc["p"], mc["note"])),
+            row("Cluster bootstrap", "questions resampled", f"difference {fmt_pp(boot['diff'])}",
+                fmt_interval(boot["ci_low"], boot["ci_high"], fmt_pp), "-")]
+
+
+def sensitivity_table(st: dict, conf: str) -> list[str]:
+    variants = {"primary": st, **st["grading"]["sensitivity"]}
+    lines = header("Grading", "Base", "Tuned", "Difference", "Two-proportion p", "Paired t p", "Wilcoxon p",
+                   f"Bootstrap {conf} interval")
+    for name, v in variants.items():
+        c, pq, boot = v["counts"], v["per_question"], v["bootstrap"]
+        lines.append(row(SENSITIVITY.get(name, name), fmt_count(c["base"]["correct"], c["base"]["total"]),
+                         fmt_count(c["tuned"]["correct"], c["tuned"]["total"]), fmt_pp(boot["diff"]),
+                         fmt_p(v["two_proportion"]["p"], v["two_proportion"]["note"]),
+                         fmt_p(pq["p_t"], pq["note_t"]), fmt_p(pq["p_wilcoxon"], pq["note_wilcoxon"]),
+                         fmt_interval(boot["ci_low"], boot["ci_high"], fmt_pp)))
+    return lines
+
+
+def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
+    st, conf = s.stats, inputs.confidence
+    metrics = {"base": s.base, "tuned": s.tuned}
+    both = [(m, metrics[m], st["lengths"][m]) for m in ("base", "tuned")]
+    lines = [f"## Results: {s.name}", "", f"{design_text(st)}.", "", *header("", "Base", "Tuned"),
+             row("Correct answers", *(fmt_count(st["counts"][m]["correct"], st["counts"][m]["total"]) for m, _, _ in both)),
+             row(f"Accuracy ({conf} Wilson interval)", *(f"{fmt_pct(st['proportions'][m])} "
+                 f"{fmt_interval(st['wilson'][m]['low'], st['wilson'][m]['high'])}" for m, _, _ in both)),
+             row(f"Accuracy {conf} cluster bootstrap interval", *(fmt_interval(st["bootstrap"][m]["low"],
+                 st["bootstrap"][m]["high"]) for m, _, _ in both)),
+             row("Answers ending in a `####` line (format rate)", *(fmt_pct(x["format_rate"]) for _, x, _ in both)),
+             row("Mean / median tokens", *(f"{fmt_num(x['mean_tokens'], 1)} / {fmt_num(n['median'], 1)}"
+                                           for _, x, n in both)),
+             row("Truncated", *(fmt_pct(x["truncated_rate"]) for _, x, _ in both)),
+             row("Ambiguous (extractor)", *(str(x["ambiguous"]) for _, x, _ in both)),
+             row("Correct by math-verify", *(fmt_count(x["math_verify_correct"], x["total"]) for _, x, _ in both))]
+    if "mean_reward" in s.tuned:
+        lines.append(row("Mean reward (reward.variant)", fmt_num(s.base.get("mean_reward")), fmt_num(s.tuned["mean_reward"])))
+    power, grading = st["power"], st["grading"]
+    needed = power["questions_needed"]
+    lines += ["", f"### Tests: {s.name}", "", *tests_table(st, conf), "",
+              f"**Power**: effect size h = {fmt_num(power['effect_size_h'])}, ICC = {fmt_num(power['icc'])} (design "
+              f"effect {fmt_num(power['design_effect'])}, effective sample {fmt_num(power['effective_n_in_study'], 1)} "
+              f"answers per model); achieved power {fmt_pct(power['achieved_power'])}; questions per model needed for "
+              f"{fmt_pct(power['target_power'])} power: {needed if needed is not None else 'n/a (no finite number)'}.",
+              "", f"### Grading: {s.name}", "",
+              f"The extractor and math-verify agree on {fmt_pct(grading['agreement'])} of {grading['n_answers']} "
+              f"answers (Cohen's kappa {fmt_num(grading['kappa'])}); they disagree on {len(grading['disagreements'])} "
+              f"and the extractor flags {grading['n_ambiguous']} as ambiguous. Each result under each way of "
+              "counting:", "", *sensitivity_table(st, conf)]
+    for number, name in enumerate(st["figures"], 1):
+        lines += ["", f"![{name}]({s.figures[name]})", "",
+                  f"*Figure {s.name}-{number}: {CAPTIONS.get(name, name)}*"]
+    return lines
+
+
+def excerpt(text: str, chars: int = EXCERPT_CHARS) -> str:
+    flat = " ".join(str(text).split())
+    return md_escape(flat if len(flat) <= chars else flat[:chars].rstrip() + "…")
+
+
+def answer_cell(answer: dict) -> str:
+    extracted = answer.get("extracted")
+    return f"{excerpt(answer['completion'])} (extracted: {md_escape(extracted) if extracted else 'none'})"
+
+
+def swaps(s: SetResults) -> list[str]:
+    """Counts per category, then one row per question (only the swapped ones on a big set)."""
+    counts = {name: sum(r["category"] == name for r in s.swaps) for name in CATEGORIES}
+    lines = [f"## Swap-ins and swap-outs: {s.name}", "",
+             "Each question is placed by whether each model answers it correctly in more than half of its samples.",
+             "", *header("Category", "Questions", "Meaning"),
+             *(row(f"`{name}`", counts[name], meaning) for name, meaning in CATEGORIES.items())]
+    listed = s.swaps if len(s.swaps) <= LIST_ALL_QUESTIONS_UP_TO else \
+        [r for r in s.swaps if r["category"] in ("only_tuned", "only_base")]
+    if len(listed) < len(s.swaps):
+        lines += ["", f"{len(s.swaps) - len(listed)} questions where both or neither model is majority-correct "
+                      f"are not listed (more than {LIST_ALL_QUESTIONS_UP_TO} questions); see "
+                      f"`results/stats/{s.name}-swaps.json`."]
+    if not listed:
+        return lines
+    lines += ["", *header("Question", "Category", "Gold", "Base", "Tuned", "Base answer (excerpt)",
+                          "Tuned answer (excerpt)")]
+    for r in listed:
+        lines.append(row(f"{r['qid']}: {excerpt(r['question'], 100)}", f"`{r['category']}`", md_escape(r["gold"]),
+                         fmt_count(r["base_correct"], r["base_samples"]),
+                         fmt_count(r["tuned_correct"], r["tuned_samples"]),
+                         answer_cell(r["base_answer"]), answer_cell(r["tuned_answer"])))
+    return lines
+
+
+def render_html(md_text: str, images: dict[str, bytes]) -> str:
+    """A standalone page: the Markdown as HTML with each image (keyed by its relative path) inlined as base64."""
+    body = markdown.markdown(md_text, extensions=["tables"], output_format="html")
+    for rel, data in sorted(images.items()):
+        body = body.replace(f'src="{rel}"', f'src="data:image/png;base64,{base64.b64encode(data).decode()}"')
+    title = html.escape(md_text.splitlines()[0].lstrip("# "))
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+            f"<style>\n{CSS}\n</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")

@@ -1,0 +1,116 @@
+"""The whole pipeline through real DVC on the CPU preset (shrunk), with the project's own S3 server:
+`dvc exp run` of the preset, every declared output present, the report's numbers equal to the stats outputs,
+a second repro that does nothing, push, a fresh clone that pulls byte-identical outputs, a forced rerun of
+stats + report that rebuilds identical p-values and figures, and a rerun from scratch with identical
+completions, grades and p-values."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import dvc, run
+
+SHRINK = {  # the CPU preset, shrunk so the whole pipeline runs in a few minutes
+    "data.train_questions": 8, "evaluation.sets.study.questions": 4, "evaluation.sets.study.samples": 2,
+    "evaluation.sets.test.questions": 3, "generation.max_new_tokens": 24, "train.max_steps": 2,
+    "train.save_steps": 1, "train.max_completion_length": 24, "select.step": 2, "stats.bootstrap_samples": 200,
+}
+
+
+def set_args(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in ("-S", f"{key}={json.dumps(value)}")]
+
+
+def declared_outputs(repo: Path) -> list[Path]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return sorted({repo / out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])})
+
+
+def digest(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    hasher = hashlib.sha256()
+    for file in files:
+        hasher.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        hasher.update(file.read_bytes())
+    return hasher.hexdigest()
+
+
+def outputs_digest(repo: Path, skip=("models/checkpoints", "results/train")) -> dict[str, str]:
+    """Digest of every output except training's own bookkeeping (timings, optimizer state)."""
+    return {str(p.relative_to(repo)): digest(p) for p in declared_outputs(repo)
+            if not str(p.relative_to(repo)).startswith(skip)}
+
+
+@pytest.mark.slow
+def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
+    env = s3_server.env()
+    dvc("remote", "modify", "store", "url", f"s3://{s3_server.bucket}/dvcstore", cwd=repo_copy)
+    preset = run(["python", "-m", "grpo_gsm8k.preset", "cpu"], repo_copy).split()
+    overrides = {**SHRINK, "train.checkpoint_remote": f"s3://{s3_server.bucket}/checkpoints"}
+    dvc("exp", "run", *preset, *set_args(overrides), cwd=repo_copy, env=env)
+
+    outputs = declared_outputs(repo_copy)
+    assert len(outputs) >= 15
+    missing = [str(p) for p in outputs if not p.exists()]
+    assert not missing, missing
+    for name in ("report.md", "report.html"):
+        assert (repo_copy / "reports" / name).stat().st_size > 1000
+    dag = dvc("dag", "--md", cwd=repo_copy)
+    for stage in ("data", "model", "baseline@study", "train", "select", "evaluate@study", "stats@study", "report"):
+        assert stage in dag, stage
+    check_report_numbers(repo_copy)
+    summary = json.loads((repo_copy / "results/train/summary.json").read_text())
+    assert summary["global_step"] == 2 and summary["uploaded_steps"] == [1, 2]
+
+    again = dvc("repro", cwd=repo_copy, env=env)
+    assert "Running stage" not in again, again
+
+    # Version everything: commit the lock and params, push the data, pull it into a fresh clone.
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "cpu preset run"], repo_copy)
+    dvc("push", cwd=repo_copy, env=env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
+    shutil.copy(repo_copy / ".dvc" / "config", clone / ".dvc" / "config")
+    dvc("pull", cwd=clone, env=env)
+    assert outputs_digest(clone) == outputs_digest(repo_copy)
+    status = dvc("status", cwd=clone, env=env)
+    assert "up to date" in status, status
+
+    before = outputs_digest(clone, skip=())
+    dvc("repro", "--force", "--single-item", "stats@study", "stats@test", cwd=clone, env=env)
+    dvc("repro", "--force", "--single-item", "report", cwd=clone, env=env)
+    assert outputs_digest(clone, skip=()) == before
+
+    # From scratch with the same seed: identical completions, grades and p-values. The checkpoints on S3 go
+    # too, or training would (rightly) resume from them instead of training again.
+    import s3fs
+
+    s3fs.S3FileSystem(**s3_server.storage_options()).rm(f"{s3_server.bucket}/checkpoints", recursive=True)
+    for folder in ("models", "results", "data/prepared"):
+        shutil.rmtree(clone / folder, ignore_errors=True)
+    dvc("repro", "--force", cwd=clone, env=env)
+    assert outputs_digest(clone) == outputs_digest(repo_copy)
+
+
+def check_report_numbers(repo: Path) -> None:
+    """Every headline number of the stats outputs appears in the report as the report formats it."""
+    from grpo_gsm8k.report_render import format_p, format_percent
+
+    report = (repo / "reports" / "report.md").read_text()
+    for metrics_file in (repo / "results" / "stats").glob("*-metrics.json"):
+        metrics = json.loads(metrics_file.read_text())
+        for key in ("p_two_proportion", "p_paired_t", "p_wilcoxon", "p_mcnemar"):
+            if metrics[key] is not None:
+                assert format_p(metrics[key]) in report, (metrics_file.name, key, format_p(metrics[key]))
+        for key in ("accuracy_base", "accuracy_tuned"):
+            assert format_percent(metrics[key]) in report, (metrics_file.name, key)
+    for stats_file in (repo / "results" / "stats").glob("*-metrics.json"):
+        name = stats_file.name.removesuffix("-metrics.json")
+        counts = json.loads((repo / "results" / "stats" / f"{name}.json").read_text())["counts"]
+        for model in ("base", "tuned"):
+            assert f"{counts[model]['correct']}/{counts[model]['total']}" in report, (name, model)
