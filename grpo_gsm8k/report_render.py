@@ -33,7 +33,8 @@ CAPTIONS = {
 SENSITIVITY = {"primary": "primary extractor", "ambiguous_as_correct": "ambiguous answers counted correct",
                "ambiguous_as_wrong": "ambiguous answers counted wrong",
                "math_verify": "math-verify instead of the extractor"}
-CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5;color:#222}
+CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;line-height:1.5;
+color:#222}
 table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.3rem .5rem;
 vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;border:1px solid #eee}
 h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem}code{background:#f5f5f5}"""
@@ -44,6 +45,12 @@ def fmt_p(p, note: str = "") -> str:
     if p is None or not math.isfinite(p):
         return f"n/a ({md_escape(note)})" if note else "n/a"
     return "<1e-4" if p < 1e-4 else f"{p:.4f}"
+
+
+def p_is(p, note: str = "") -> str:
+    """A p-value in prose: 'p = 0.0004', 'p < 1e-4' or 'p = n/a (reason)'."""
+    text = fmt_p(p, note)
+    return f"p {text[0]} {text[1:]}" if text.startswith("<") else f"p = {text}"
 
 
 def fmt_pct(x) -> str:
@@ -130,7 +137,7 @@ def design_text(stats: dict) -> str:
     k = design["samples_per_question"]
     k_text = str(int(k)) if float(k).is_integer() else fmt_num(k, 1)
     total = stats["counts"]["base"]["total"]
-    return f"{design['questions']} questions x {k_text} samples = {total} answers per model"
+    return f"{design['questions']} questions x {k_text} sample{'' if k == 1 else 's'} = {total} answers per model"
 
 
 def row(*cells) -> str:
@@ -191,7 +198,8 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
     metrics = {"base": s.base, "tuned": s.tuned}
     both = [(m, metrics[m], st["lengths"][m]) for m in ("base", "tuned")]
     lines = [f"## Results: {s.name}", "", f"{design_text(st)}.", "", *header("", "Base", "Tuned"),
-             row("Correct answers", *(fmt_count(st["counts"][m]["correct"], st["counts"][m]["total"]) for m, _, _ in both)),
+             row("Correct answers", *(fmt_count(st["counts"][m]["correct"], st["counts"][m]["total"])
+                                      for m, _, _ in both)),
              row(f"Accuracy ({conf} Wilson interval)", *(f"{fmt_pct(st['proportions'][m])} "
                  f"{fmt_interval(st['wilson'][m]['low'], st['wilson'][m]['high'])}" for m, _, _ in both)),
              row(f"Accuracy {conf} cluster bootstrap interval", *(fmt_interval(st["bootstrap"][m]["low"],
@@ -203,7 +211,8 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
              row("Ambiguous (extractor)", *(str(x["ambiguous"]) for _, x, _ in both)),
              row("Correct by math-verify", *(fmt_count(x["math_verify_correct"], x["total"]) for _, x, _ in both))]
     if "mean_reward" in s.tuned:
-        lines.append(row("Mean reward (reward.variant)", fmt_num(s.base.get("mean_reward")), fmt_num(s.tuned["mean_reward"])))
+        lines.append(row("Mean reward (reward.variant)", fmt_num(s.base.get("mean_reward")),
+                         fmt_num(s.tuned["mean_reward"])))
     power, grading = st["power"], st["grading"]
     needed = power["questions_needed"]
     lines += ["", f"### Tests: {s.name}", "", *tests_table(st, conf), "",
@@ -216,7 +225,10 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
               f"answers (Cohen's kappa {fmt_num(grading['kappa'])}); they disagree on {len(grading['disagreements'])} "
               f"and the extractor flags {grading['n_ambiguous']} as ambiguous. Each result under each way of "
               "counting:", "", *sensitivity_table(st, conf)]
-    for number, name in enumerate(st["figures"], 1):
+    # The figures in reading order (accuracy first), any unknown ones after them.
+    order = sorted(st["figures"], key=lambda name: (list(CAPTIONS).index(name) if name in CAPTIONS else len(CAPTIONS),
+                                                   name))
+    for number, name in enumerate(order, 1):
         lines += ["", f"![{name}]({s.figures[name]})", "",
                   f"*Figure {s.name}-{number}: {CAPTIONS.get(name, name)}*"]
     return lines

@@ -20,7 +20,7 @@ from pathlib import Path
 from grpo_gsm8k.io import atomic_file, fail
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.report_render import (ReportInputs, SetResults, design_text, fmt_count, fmt_interval, fmt_num,
-                                      fmt_p, fmt_param, fmt_pct, fmt_pp, md_escape, model_name, model_parameters,
+                                      fmt_param, fmt_pct, fmt_pp, md_escape, model_name, model_parameters, p_is,
                                       render_html, reward_phrase, set_results, stat_notes, swaps)
 
 # The published study, quoted as the reference only, never as this run's result.
@@ -118,16 +118,15 @@ def abstract(inputs: ReportInputs) -> list[str]:
             f"{inputs.summary['global_step']} steps and evaluated the adapters saved at step {inputs.select['step']}. "
             f"On the *{s.name}* set ({design_text(st)}) the base model answered {model('base')} correctly and the "
             f"tuned model {model('tuned')}: a difference of {fmt_pp(boot['diff'])} (cluster bootstrap {conf} interval "
-            f"{fmt_interval(boot['ci_low'], boot['ci_high'], fmt_pp)}). Two-proportion z-test p = "
-            f"{fmt_p(tp['p'], tp['note'])}; per-question paired t-test p = {fmt_p(pq['p_t'], pq['note_t'])} "
-            f"(Wilcoxon p = {fmt_p(pq['p_wilcoxon'], pq['note_wilcoxon'])}); clustered GEE odds ratio "
-            f"{fmt_num(gee['odds_ratio'])} {fmt_interval(gee['ci_low'], gee['ci_high'], fmt_num)}, "
-            f"p = {fmt_p(gee['p'], gee['note'])}.")
+            f"{fmt_interval(boot['ci_low'], boot['ci_high'], fmt_pp)}). Two-proportion z-test "
+            f"{p_is(tp['p'], tp['note'])}; per-question paired t-test {p_is(pq['p_t'], pq['note_t'])} (Wilcoxon "
+            f"{p_is(pq['p_wilcoxon'], pq['note_wilcoxon'])}); clustered GEE odds ratio {fmt_num(gee['odds_ratio'])} "
+            f"{fmt_interval(gee['ci_low'], gee['ci_high'], fmt_num)}, {p_is(gee['p'], gee['note'])}.")
     lines = ["## Abstract", "", text]
     reasons = demonstration_reasons(inputs.params)
     if reasons:
-        lines += ["", f"**This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)} "
-                      "(see Limitations)."]
+        lines += ["", f"**This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
+                      "Details under Limitations."]
     return lines
 
 
@@ -194,12 +193,12 @@ def analysis(inputs: ReportInputs) -> list[str]:
              "question, so the number of questions is the sample size.",
              "- *Are the odds of a correct answer higher, allowing for easy and hard questions?* Logistic GEE on every "
              "answer with the question as the cluster and robust standard errors.",
-             "- *How uncertain is the difference in accuracy?* The cluster bootstrap resamples whole questions, keeping "
-             "each question's base and tuned answers together.",
+             "- *How uncertain is the difference in accuracy?* The cluster bootstrap resamples whole questions, "
+             "keeping each question's base and tuned answers together.",
              "- *Do more questions flip to right than to wrong?* The exact McNemar test on each question's majority "
              "verdict (the swap tables list them).",
              "- *Could this design have detected the difference?* Power from the observed effect, with the sample "
-             "shrunk by the design effect 1 + (k - 1) x ICC for k samples per question.", ""]
+             "shrunk by the design effect 1 + (k - 1) x ICC for k samples per question.", "", "In this run:", ""]
     for s in inputs.sets:
         design, power = s.stats["design"], s.stats["power"]
         if design["samples_per_question"] > 1:

@@ -99,16 +99,16 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
 
 def check_report_numbers(repo: Path) -> None:
     """Every headline number of the stats outputs appears in the report as the report formats it."""
-    from grpo_gsm8k.report_render import format_p, format_percent
+    from grpo_gsm8k.report_render import fmt_p, fmt_pct
 
     report = (repo / "reports" / "report.md").read_text()
     for metrics_file in (repo / "results" / "stats").glob("*-metrics.json"):
         metrics = json.loads(metrics_file.read_text())
         for key in ("p_two_proportion", "p_paired_t", "p_wilcoxon", "p_mcnemar"):
             if metrics[key] is not None:
-                assert format_p(metrics[key]) in report, (metrics_file.name, key, format_p(metrics[key]))
+                assert fmt_p(metrics[key]) in report, (metrics_file.name, key, fmt_p(metrics[key]))
         for key in ("accuracy_base", "accuracy_tuned"):
-            assert format_percent(metrics[key]) in report, (metrics_file.name, key)
+            assert fmt_pct(metrics[key]) in report, (metrics_file.name, key)
     for stats_file in (repo / "results" / "stats").glob("*-metrics.json"):
         name = stats_file.name.removesuffix("-metrics.json")
         counts = json.loads((repo / "results" / "stats" / f"{name}.json").read_text())["counts"]

