@@ -4,10 +4,11 @@
     samples = gen.generate(prompt_ids, num_samples=5, seed=0)   # prompt-major: p0s0, p0s1, ..., p1s0, ...
 
 What makes it fast (see fastgen_model.py for the forward): LoRA merged into fused weights once per weight version,
-each distinct prompt prefilled once for all its samples, a static KV cache, GQA-aware decode attention, and on CUDA
-the whole decode step (forward + sampling + bookkeeping) captured in CUDA graphs, one per attended-length bucket,
-replayed with no host sync except an "all finished?" check every `CHECK_EVERY` steps. On CPU (or
-`use_cuda_graph=False`) the same step runs eagerly. Seeded calls are reproducible (fork of the device RNG).
+each distinct prompt prefilled once for all its samples, a static KV cache, GQA-aware decode attention, fused
+Triton kernels for the elementwise work (fastgen_kernels.py), and on CUDA the whole decode step (forward + sampling
++ bookkeeping) captured in CUDA graphs, one per attended-length bucket, replayed with no host sync except an
+"all finished?" check every `CHECK_EVERY` steps. On CPU (or `use_cuda_graph=False`) the same step runs eagerly.
+Seeded calls are reproducible (fork of the device RNG).
 
 The TRL glue (`make_rollout_func`, `fast_training_overrides`) lives in fastgen_trl.py and is re-exported here.
 """
