@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_gsm8k.rewards import RewardKnobs
+
 
 class ParamsError(ValueError):
     """A param is unknown, missing or out of range; the message names it and the fix."""
@@ -76,24 +78,6 @@ class GenerationParams:
         _check(self.temperature > 0, f"generation.temperature={self.temperature} must be > 0 (answers are sampled)")
         _check(0 < self.top_p <= 1, f"generation.top_p={self.top_p} must be in (0, 1]")
         _check(self.batch_size >= 1, f"generation.batch_size={self.batch_size} must be >= 1")
-
-
-@dataclass(frozen=True)
-class RewardParams:
-    variant: str = "study"
-    correct_value: float = 5.0
-    min_tokens: int = 50
-    full_tokens: int = 100
-    short_penalty: float = 2.5
-    format_max: float = 1.5
-
-    def validate(self) -> None:
-        from grpo_gsm8k.rewards import RewardKnobs  # its own checks name the reward.* param
-
-        try:
-            RewardKnobs(**dataclasses.asdict(self))
-        except ValueError as err:
-            raise ParamsError(str(err)) from None
 
 
 @dataclass(frozen=True)
@@ -194,7 +178,7 @@ class Params:
     evaluation: EvaluationParams
     model: ModelParams
     generation: GenerationParams
-    reward: RewardParams
+    reward: RewardKnobs  # validates itself, naming the reward.* param
     train: TrainParams
     select: SelectParams
     stats: StatsParams
@@ -203,7 +187,7 @@ class Params:
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
-            if dataclasses.is_dataclass(value):
+            if hasattr(value, "validate"):
                 value.validate()
 
 
@@ -233,7 +217,10 @@ def _build(cls, raw, prefix: str):
                 raise ParamsError(f"missing param {prefix}{name}; add it to params.yaml")
             continue
         values[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # classes that check themselves on construction (RewardKnobs)
+        raise ParamsError(str(err)) from None
 
 
 def _convert(hint, value, dotted: str):

@@ -9,18 +9,16 @@ params' reward variant (for the reward-hacking audit of `dvc exp show`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 from grpo_gsm8k.answering import run_answer_stage
 from grpo_gsm8k.io import fail
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.rewards import RewardKnobs
 
 
 def run(params, set_name: str, model_dir: Path, adapter_dir: Path, eval_path: Path, out_dir: Path) -> dict:
-    knobs = RewardKnobs(**dataclasses.asdict(params.reward))
+    knobs = params.reward
     return run_answer_stage(model_dir, adapter_dir, eval_path, set_name, params, out_dir, reward_knobs=knobs)
 
 

@@ -99,7 +99,7 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
     from trl import GRPOTrainer
 
     from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
-    from grpo_gsm8k.rewards import RewardKnobs, build_reward_funcs
+    from grpo_gsm8k.rewards import build_reward_funcs
 
     device = pick_device(params.model.device)
     location, revision = model_location(model_dir)
@@ -116,7 +116,7 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
         rollout = {"rollout_func": make_rollout_func(params)}
     return GRPOTrainer(
         model=model, processing_class=tokenizer, args=grpo_config(params, checkpoints, device),
-        reward_funcs=reward_funcs or build_reward_funcs(RewardKnobs(**dataclasses.asdict(params.reward))),
+        reward_funcs=reward_funcs or build_reward_funcs(params.reward),
         train_dataset=dataset, callbacks=callbacks, **rollout,
         peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                target_modules=lora.target_modules, task_type="CAUSAL_LM"),
