@@ -29,7 +29,8 @@ PUBLISHED = ("Llama-3.1-8B-Instruct, 72-73/100 correct before and 92/100 after G
 SMALL_MODEL_PARAMS = 1e9  # below this GSM8K accuracy is too low for the study's effect to show
 FEW_STEPS = 100  # GRPO steps below which the adapters barely move
 KEYS = {  # what each input must hold, checked up front so a stale file is a clear error, not a KeyError
-    "train": ("run_id", "global_step", "resumed_from_step", "train_loss", "uploaded_steps", "remote"),
+    "train": ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
+              "uploaded_steps", "remote"),
     "select": ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint"),
     "metrics": ("correct", "total", "format_rate", "mean_tokens", "truncated_rate", "ambiguous",
                 "math_verify_correct"),
@@ -165,8 +166,9 @@ def method(inputs: ReportInputs) -> list[str]:
             f"{fmt_param(t.temperature)}; truncated completions {'masked' if t.mask_truncated_completions else 'kept'}"
             f" in the loss. Training prompts: GSM8K train ({p.data.train_questions} questions); seed {p.seed}.",
             f"- **Checkpointing**: every {t.save_steps} steps, the newest {t.keep_checkpoints} kept beside step "
-            f"{p.select.step}, {where}. This run: {summary['global_step']} steps ({resumed}), mean training loss "
-            f"{fmt_num(summary['train_loss'], 4)}, run id `{summary['run_id']}`.",
+            f"{p.select.step}, {where}. This run: {summary['global_step']} steps ({resumed}), mean logged training loss "
+            f"{fmt_num(summary['mean_loss'], 4)}, mean training reward {fmt_num(summary['mean_reward'], 3)} (last "
+            f"logged {fmt_num(summary['final_reward'], 3)}), run id `{summary['run_id']}`.",
             reward_text(p.reward),
             f"- **Generation** (baseline and evaluation): engine {g.engine}, up to {g.max_new_tokens} new tokens, "
             f"temperature {fmt_param(g.temperature)}, top-p {fmt_param(g.top_p)}, batches of {g.batch_size}.",

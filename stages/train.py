@@ -143,19 +143,34 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
                              "start the server (python -m grpo_gsm8k.s3server start) or set "
                              "train.checkpoint_remote=\"\"") from None
     resumed_step = int(start_from.rsplit("-", 1)[1]) if start_from else 0
-    live = LiveLogger(live_dir, resume_step=resumed_step)
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
                           protect_steps=protected_steps(params))
-    trainer = build_trainer(params, model_dir, data_path, checkpoints, [live, sync])
-    if start_from:
-        print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
-    result = trainer.train(resume_from_checkpoint=start_from)
-    summary = {"run_id": identity["run_id"], "global_step": trainer.state.global_step,
-               "resumed_from_step": resumed_step, "train_loss": result.training_loss,
-               "uploaded_steps": sorted(sync.uploaded), "remote": remote or ""}
+    if resumed_step >= params.train.max_steps:
+        # Trainer would take one more step before checking max_steps; the run is already complete.
+        print(f"train: run {identity['run_id']} is complete at step {resumed_step}; nothing to train")
+        global_step = resumed_step
+    else:
+        trainer = build_trainer(params, model_dir, data_path, checkpoints,
+                                [LiveLogger(live_dir, resume_step=resumed_step), sync])
+        if start_from:
+            print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
+        trainer.train(resume_from_checkpoint=start_from)
+        global_step = trainer.state.global_step
+    summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,
+               "uploaded_steps": sorted(sync.uploaded), "remote": remote or "", **curve_summary(live_dir)}
     if state.is_main_process:
         write_json(summary_path, summary)
     return summary
+
+
+def curve_summary(live_dir: Path) -> dict:
+    """Headline numbers of the whole logged run (resumes included), for `dvc metrics show` / `dvc exp show`."""
+    from grpo_gsm8k.training_log import read_metric
+
+    loss, reward = read_metric(live_dir, "loss"), read_metric(live_dir, "reward")
+    return {"mean_loss": sum(v for _, v in loss) / len(loss) if loss else None,
+            "final_reward": reward[-1][1] if reward else None,
+            "mean_reward": sum(v for _, v in reward) / len(reward) if reward else None}
 
 
 def relaunch_under_accelerate(params: Params, argv: list[str]) -> int:

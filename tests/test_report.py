@@ -84,7 +84,8 @@ def build_tree(root: Path) -> Path:
     build_set(root, "study", make_records(0.3, 1, 20, 5), make_records(0.6, 2, 20, 5), log)
     build_set(root, "test", make_records(0.0, 3, 20, 1), make_records(0.0, 4, 20, 1), None)
     (root / "results" / "train" / "summary.json").write_text(json.dumps(
-        {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "train_loss": 0.0123,
+        {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "mean_loss": 0.0123,
+         "mean_reward": 0.5, "final_reward": 0.75,
          "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456"}))
     (root / "results" / "select.json").write_text(json.dumps(
         {"step": 8, "reason": "select.step in params.yaml", "rule": "last checkpoint at or before the reward peak",

@@ -1,0 +1,307 @@
+"""Compare reward variants run as DVC experiments: one table, one seaborn figure and a reward-hacking audit.
+
+    dvc exp run -S reward.variant=naive                     # one experiment per variant (or --queue them,
+    dvc exp run -S reward.variant=correctness_only          #   then `dvc queue start`)
+    python -m grpo_gsm8k.variants --out reports/variants.md [--set study] [--all-commits]
+
+Reads `dvc exp show --json` (experiments of HEAD, or of every commit with --all-commits) and, at each
+experiment's revision through dvc.api, the evaluation set's completions for the length distributions. Writes
+--out and a figure beside it (reports/variants.png). Numbers come from the metrics DVC tracks per experiment;
+only the Wilson intervals (from correct/total) and the length quartiles are computed here. Rows are sorted by
+variant, settings and name, and the files carry no timestamps: the same experiments give the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless, chosen before pyplot is imported (as in grpo_gsm8k/figures.py)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from grpo_gsm8k.figures import COLORS, DPI  # noqa: E402
+from grpo_gsm8k.io import atomic_file, fail  # noqa: E402
+from grpo_gsm8k.report_render import fmt_interval, fmt_num, fmt_p, fmt_pct, fmt_pp, header, md_escape, row  # noqa: E402
+from grpo_gsm8k.rewards import VARIANTS  # noqa: E402
+from grpo_gsm8k.stats import wilson_interval  # noqa: E402
+
+MODELS = ("base", "tuned")
+P_VALUES = ("p_two_proportion", "p_paired_t", "p_wilcoxon", "p_gee", "p_mcnemar")
+DONE_STATES = (None, "success")  # executor None: run in the workspace and finished
+NO_EXPERIMENTS = ("no DVC experiment has results/stats/{set}-metrics.json; run one per variant first, e.g. "
+                  "`dvc exp run -S reward.variant=naive` (variants: {variants})")
+
+
+def metric_paths(set_name: str) -> dict[str, str]:
+    return {"base": f"results/baseline/{set_name}/metrics.json", "tuned": f"results/evaluate/{set_name}/metrics.json",
+            "stats": f"results/stats/{set_name}-metrics.json"}
+
+
+def completion_paths(set_name: str) -> dict[str, str]:
+    return {"base": f"results/baseline/{set_name}/completions.jsonl",
+            "tuned": f"results/evaluate/{set_name}/completions.jsonl"}
+
+
+def read_exp_show(repo: Path, all_commits: bool) -> list:
+    command = [sys.executable, "-m", "dvc", "exp", "show", "--json", *(["--all-commits"] if all_commits else [])]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"`dvc exp show --json` failed in {repo}: {last}")
+    return json.loads(done.stdout)
+
+
+def _experiment(entry: dict, name: str, kind: str, state: str | None) -> dict:
+    data = entry.get("data") or {}
+    metrics = {path: (found.get("data") or {}) for path, found in (data.get("metrics") or {}).items()}
+    params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
+    return {"name": name, "rev": entry["rev"], "kind": kind, "state": state, "params": params, "metrics": metrics}
+
+
+def collect_experiments(show: list) -> list[dict]:
+    """Commits and their experiments from `dvc exp show --json`, minus the workspace (it repeats one of them)."""
+    found = []
+    for commit in show:
+        if commit.get("rev") == "workspace":
+            continue
+        found.append(_experiment(commit, commit.get("name") or commit["rev"][:7], "commit", None))
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            name = exp.get("name") or exp["revs"][0]["rev"][:7]
+            found.append(_experiment(exp["revs"][0], name, "experiment", state))
+    return found
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_settings(experiments: list[dict]) -> dict[str, str]:
+    """Per experiment name, the params (besides reward.variant) whose values differ among the experiments."""
+    flats = {e["name"]: flatten(e["params"]) for e in experiments}
+    keys = sorted({k for flat in flats.values() for k in flat} - {"reward.variant"})
+    varying = [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in flats.values()}) > 1]
+    # Code spans keep underscores literal; a pipe would still end the table cell, so it is escaped.
+    return {name: ", ".join(f"`{k}={flat.get(k)}`".replace("|", "\\|") for k in varying)
+            for name, flat in flats.items()}
+
+
+def _model_numbers(model: str, metrics: dict, alpha: float) -> dict:
+    correct, total = metrics["correct"], metrics["total"]
+    wilson = wilson_interval(correct, total, alpha)
+    return {f"{model}_correct": correct, f"{model}_total": total, f"{model}_accuracy": metrics["accuracy"],
+            f"{model}_low": wilson["low"], f"{model}_high": wilson["high"],
+            f"{model}_mean_tokens": metrics.get("mean_tokens"), f"{model}_truncated": metrics.get("truncated_rate"),
+            f"{model}_formatted_wrong": metrics.get("formatted_wrong_rate"),
+            f"{model}_format_rate": metrics.get("format_rate")}
+
+
+def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], list[str]]:
+    """One flat row of numbers per finished experiment with the set's metrics, and a note per one skipped."""
+    paths, usable, skipped = metric_paths(set_name), [], []
+    for exp in experiments:
+        missing = [p for p in paths.values() if not exp["metrics"].get(p)]
+        if exp["state"] not in DONE_STATES:
+            skipped.append(f"{exp['name']}: {exp['state']}")
+        elif not missing:
+            usable.append(exp)
+        elif exp["kind"] == "experiment":  # a commit without results is just a commit, not worth a note
+            skipped.append(f"{exp['name']}: no {missing[0]}")
+    settings = differing_settings(usable)
+    rows = []
+    for exp in usable:
+        alpha = float(exp["params"].get("stats", {}).get("alpha", 0.05))
+        stats, reward = exp["metrics"][paths["stats"]], exp["params"].get("reward", {})
+        rows.append({"name": exp["name"], "rev": exp["rev"], "variant": reward.get("variant", "?"),
+                     "settings": settings[exp["name"]], "alpha": alpha, "min_tokens": reward.get("min_tokens"),
+                     **_model_numbers("base", exp["metrics"][paths["base"]], alpha),
+                     **_model_numbers("tuned", exp["metrics"][paths["tuned"]], alpha),
+                     "difference": stats.get("difference"), "diff_low": stats.get("difference_ci_low"),
+                     "diff_high": stats.get("difference_ci_high"), **{p: stats.get(p) for p in P_VALUES},
+                     "mean_reward": exp["metrics"][paths["tuned"]].get("mean_reward")})
+    order = list(VARIANTS)
+    rows.sort(key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order), r["variant"],
+                             r["settings"], r["name"]))
+    return rows, sorted(skipped)
+
+
+def read_lengths(repo: Path, rev: str, set_name: str) -> dict[str, list[int]] | None:
+    """Completion lengths of both models at an experiment's revision; None when its files can't be read
+    (e.g. an experiment pulled without its data), and the figure falls back to the mean from the metrics."""
+    import dvc.api
+
+    lengths = {}
+    try:
+        for model, path in completion_paths(set_name).items():
+            with dvc.api.open(path, repo=str(repo), rev=rev) as handle:
+                lengths[model] = [json.loads(line)["n_tokens"] for line in handle if line.strip()]
+    except Exception:  # noqa: BLE001 - any failure to fetch means the same thing here: no distribution
+        return None
+    return lengths
+
+
+def _interval(r: dict, model: str) -> str:
+    return (f"{fmt_pct(r[f'{model}_accuracy'])} ({r[f'{model}_correct']}/{r[f'{model}_total']}) "
+            f"{fmt_interval(r[f'{model}_low'], r[f'{model}_high'])}")
+
+
+def _level(rows: list[dict]) -> str:
+    alphas = {r["alpha"] for r in rows}
+    return f"{1 - alphas.pop():.0%}" if len(alphas) == 1 else "1 − stats.alpha"
+
+
+def accuracy_table(rows: list[dict]) -> list[str]:
+    level = _level(rows)
+    lines = header("experiment", "variant", "settings", f"before, {level} Wilson", f"after, {level} Wilson",
+                   f"difference, {level} bootstrap", "p two-prop.", "p paired t", "p Wilcoxon", "p GEE", "p McNemar")
+    for r in rows:
+        difference = f"{fmt_pp(r['difference'])} {fmt_interval(r['diff_low'], r['diff_high'], fmt_pp)}"
+        lines.append(row(r["name"], r["variant"], r["settings"] or "–", _interval(r, "base"),
+                         _interval(r, "tuned"), difference, *(fmt_p(r[p]) for p in P_VALUES)))
+    return lines
+
+
+def _quartiles(values: list[int] | None) -> str:
+    if not values:
+        return "n/a"
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return f"{median:g} [{q1:g}–{q3:g}] ({min(values)}–{max(values)})"
+
+
+def _short_rate(values: list[int] | None, min_tokens) -> str:
+    if not values or min_tokens is None:
+        return "n/a"
+    return fmt_pct(sum(v < min_tokens for v in values) / len(values))
+
+
+def _change(r: dict, key: str, fmt=fmt_pct) -> str:
+    return f"{fmt(r[f'base_{key}'])} → {fmt(r[f'tuned_{key}'])}"
+
+
+def audit_table(rows: list[dict], lengths: dict[str, dict | None]) -> list[str]:
+    lines = header("experiment", "variant", "mean tokens", "tuned tokens: median [IQR] (range)",
+                   "tuned shorter than reward.min_tokens", "truncated", "formatted but wrong", "formatted",
+                   "mean reward (tuned)")
+    for r in rows:
+        tuned = (lengths.get(r["name"]) or {}).get("tuned")
+        lines.append(row(r["name"], r["variant"], _change(r, "mean_tokens", lambda x: fmt_num(x, 1)),
+                         _quartiles(tuned), _short_rate(tuned, r["min_tokens"]), _change(r, "truncated"),
+                         _change(r, "formatted_wrong"), _change(r, "format_rate"), fmt_num(r["mean_reward"])))
+    return lines
+
+
+def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str) -> str:
+    no_lengths = [r["name"] for r in rows if lengths.get(r["name"]) is None]
+    lines = [f"# Reward variants on the `{set_name}` evaluation set", "",
+             "Generated by `python -m grpo_gsm8k.variants` from `dvc exp show --json`: one row per DVC experiment, "
+             "before = base model, after = GRPO-tuned. Settings lists the params that differ between experiments.",
+             "", "## Accuracy", "", *accuracy_table(rows), "",
+             f"![Accuracy and completion length per variant]({figure})", "",
+             "## Reward-hacking audit", "",
+             "Naive rewards let the policy collapse to short, degenerate answers. Columns with → read base → "
+             "tuned; watch for the tuned model getting shorter, more often well-formatted but wrong, or more often "
+             "truncated. The mean reward is scored with each experiment's own variant, so compare it within a "
+             "variant only.", "", *audit_table(rows, lengths), ""]
+    if no_lengths:
+        lines += [f"Length distributions unavailable (completions not in the DVC cache; `dvc exp pull` them): "
+                  f"{', '.join(no_lengths)}. The figure shows their mean only.", ""]
+    if skipped:
+        lines += ["Skipped experiments: " + "; ".join(md_escape(s) for s in skipped) + ".", ""]
+    return "\n".join(lines)
+
+
+def _labels(rows: list[dict]) -> list[str]:
+    return [f"{r['variant']}\n{r['name']}" for r in rows]
+
+
+def plot_variants(path: Path | BinaryIO, rows: list[dict], lengths: dict) -> None:
+    """Accuracy before/after with Wilson intervals, and the completion-length distribution, per experiment."""
+    labels, level = _labels(rows), _level(rows)
+    with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
+        fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(max(11.0, 2.6 * len(rows)), 5.5))
+        try:
+            for offset, model in ((-0.12, "base"), (0.12, "tuned")):
+                y = np.array([r[f"{model}_accuracy"] for r in rows])
+                err = np.array([[v - r[f"{model}_low"], r[f"{model}_high"] - v] for v, r in zip(y, rows)]).T
+                acc_ax.errorbar(np.arange(len(rows)) + offset, y, yerr=err, fmt="o", capsize=5,
+                                color=COLORS[model], label=f"{model} ({level} Wilson)")
+            acc_ax.set_xticks(range(len(rows)), labels)
+            acc_ax.set_ylim(-0.03, 1.03)
+            acc_ax.set_ylabel("accuracy")
+            acc_ax.set_title("Accuracy per variant")
+            acc_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=9)
+            _plot_lengths(len_ax, rows, lengths, labels)
+            fig.tight_layout()
+            # No software stamp in the PNG, so the same experiments give byte-identical files.
+            fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+        finally:
+            plt.close(fig)
+
+
+def _plot_lengths(ax, rows: list[dict], lengths: dict, labels: list[str]) -> None:
+    frame = pd.DataFrame([{"experiment": label, "model": model, "n_tokens": n}
+                          for r, label in zip(rows, labels) for model in MODELS
+                          for n in (lengths.get(r["name"]) or {}).get(model, [])],
+                         columns=["experiment", "model", "n_tokens"])
+    if not frame.empty:
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated `vert`; harmless
+            warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
+            sns.boxplot(frame, x="experiment", y="n_tokens", hue="model", order=labels, hue_order=list(MODELS),
+                        palette=COLORS, ax=ax)
+    for x, r in enumerate(rows):  # the mean from the metrics, also where no distribution could be read
+        for offset, model in ((-0.2, "base"), (0.2, "tuned")):
+            ax.plot(x + offset, r[f"{model}_mean_tokens"], marker="D", color="black", mec="white", markersize=6, linestyle="none", zorder=5,
+                    label="mean" if x == 0 and model == "base" else None)
+    gates = {r["min_tokens"] for r in rows if r["variant"] == "study"}
+    for gate in sorted(g for g in gates if g is not None):  # where the study's reward starts paying
+        ax.axhline(gate, color="grey", linestyle="--", linewidth=1, label=f"reward.min_tokens = {gate}")
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("completion length (tokens)")
+    ax.set_xlabel("")
+    ax.set_title("Completion length per variant (box: quartiles)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=4, fontsize=9)
+
+
+def run(repo: Path, out: Path, set_name: str = "study", all_commits: bool = False) -> list[dict]:
+    rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), set_name)
+    if not rows:
+        raise ValueError(NO_EXPERIMENTS.format(set=set_name, variants=", ".join(VARIANTS)))
+    lengths = {r["name"]: read_lengths(repo, r["rev"], set_name) for r in rows}
+    figure = out.with_suffix(".png")
+    with atomic_file(figure) as tmp_png, atomic_file(out) as tmp_md:
+        # Saved through a handle: the temporary name has no .png suffix for matplotlib to go by.
+        with tmp_png.open("wb") as handle:
+            plot_variants(handle, rows, lengths)
+        tmp_md.write_text(render_markdown(rows, lengths, skipped, set_name, figure.name))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("reports/variants.md"), help="Markdown file to write")
+    parser.add_argument("--set", default="study", help="evaluation set to compare (a key of evaluation.sets)")
+    parser.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD")
+    parser.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository")
+    args = parser.parse_args(argv)
+    with fail():
+        rows = run(args.repo, args.out, args.set, args.all_commits)
+    print(f"variants: {len(rows)} experiment(s) -> {args.out}, {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
