@@ -12,7 +12,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-SKIPPED = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second"}
+SKIPPED = {"epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second",
+           "train_steps_per_second"}  # end-of-run summaries, not curves
 
 
 def trim_after(live_dir: Path, step: int) -> None:

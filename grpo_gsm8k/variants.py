@@ -18,7 +18,6 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import BinaryIO
 
 import matplotlib
 
@@ -46,9 +45,8 @@ def metric_paths(set_name: str) -> dict[str, str]:
             "stats": f"results/stats/{set_name}-metrics.json"}
 
 
-def completion_paths(set_name: str) -> dict[str, str]:
-    return {"base": f"results/baseline/{set_name}/completions.jsonl",
-            "tuned": f"results/evaluate/{set_name}/completions.jsonl"}
+def completion_path(model: str, set_name: str) -> str:
+    return f"results/{'baseline' if model == 'base' else 'evaluate'}/{set_name}/completions.jsonl"
 
 
 def read_exp_show(repo: Path, all_commits: bool) -> list:
@@ -82,23 +80,21 @@ def collect_experiments(show: list) -> list[dict]:
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as dotted keys, the way `dvc exp run -S` names them."""
     flat = {}
     for key, value in params.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
+        flat.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return flat
 
 
 def differing_settings(experiments: list[dict]) -> dict[str, str]:
-    """Per experiment name, the params (besides reward.variant) whose values differ among the experiments."""
-    flats = {e["name"]: flatten(e["params"]) for e in experiments}
+    """Per experiment revision, the params (besides reward.variant) whose values differ among the experiments."""
+    flats = {e["rev"]: flatten(e["params"]) for e in experiments}
     keys = sorted({k for flat in flats.values() for k in flat} - {"reward.variant"})
     varying = [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in flats.values()}) > 1]
     # Code spans keep underscores literal; a pipe would still end the table cell, so it is escaped.
-    return {name: ", ".join(f"`{k}={flat.get(k)}`".replace("|", "\\|") for k in varying)
-            for name, flat in flats.items()}
+    return {rev: ", ".join(f"`{k}={flat.get(k)}`".replace("|", "\\|") for k in varying)
+            for rev, flat in flats.items()}
 
 
 def _model_numbers(model: str, metrics: dict, alpha: float) -> dict:
@@ -111,9 +107,9 @@ def _model_numbers(model: str, metrics: dict, alpha: float) -> dict:
             f"{model}_format_rate": metrics.get("format_rate")}
 
 
-def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], list[str]]:
-    """One flat row of numbers per finished experiment with the set's metrics, and a note per one skipped."""
-    paths, usable, skipped = metric_paths(set_name), [], []
+def usable_experiments(experiments: list[dict], paths: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """Finished experiments holding every metrics file, and a note for each other experiment."""
+    usable, skipped = [], []
     for exp in experiments:
         missing = [p for p in paths.values() if not exp["metrics"].get(p)]
         if exp["state"] not in DONE_STATES:
@@ -122,13 +118,19 @@ def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], li
             usable.append(exp)
         elif exp["kind"] == "experiment":  # a commit without results is just a commit, not worth a note
             skipped.append(f"{exp['name']}: no {missing[0]}")
-    settings = differing_settings(usable)
-    rows = []
+    return usable, sorted(skipped)
+
+
+def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], list[str]]:
+    """One flat row of numbers per usable experiment, sorted by variant, settings and name; and the skip notes."""
+    paths = metric_paths(set_name)
+    usable, skipped = usable_experiments(experiments, paths)
+    settings, rows = differing_settings(usable), []
     for exp in usable:
         alpha = float(exp["params"].get("stats", {}).get("alpha", 0.05))
         stats, reward = exp["metrics"][paths["stats"]], exp["params"].get("reward", {})
         rows.append({"name": exp["name"], "rev": exp["rev"], "variant": reward.get("variant", "?"),
-                     "settings": settings[exp["name"]], "alpha": alpha, "min_tokens": reward.get("min_tokens"),
+                     "settings": settings[exp["rev"]], "alpha": alpha, "min_tokens": reward.get("min_tokens"),
                      **_model_numbers("base", exp["metrics"][paths["base"]], alpha),
                      **_model_numbers("tuned", exp["metrics"][paths["tuned"]], alpha),
                      "difference": stats.get("difference"), "diff_low": stats.get("difference_ci_low"),
@@ -136,8 +138,8 @@ def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], li
                      "mean_reward": exp["metrics"][paths["tuned"]].get("mean_reward")})
     order = list(VARIANTS)
     rows.sort(key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order), r["variant"],
-                             r["settings"], r["name"]))
-    return rows, sorted(skipped)
+                             r["settings"], r["name"], r["rev"]))
+    return rows, skipped
 
 
 def read_lengths(repo: Path, rev: str, set_name: str) -> dict[str, list[int]] | None:
@@ -147,10 +149,10 @@ def read_lengths(repo: Path, rev: str, set_name: str) -> dict[str, list[int]] | 
 
     lengths = {}
     try:
-        for model, path in completion_paths(set_name).items():
-            with dvc.api.open(path, repo=str(repo), rev=rev) as handle:
+        for model in MODELS:
+            with dvc.api.open(completion_path(model, set_name), repo=str(repo), rev=rev) as handle:
                 lengths[model] = [json.loads(line)["n_tokens"] for line in handle if line.strip()]
-    except Exception:  # noqa: BLE001 - any failure to fetch means the same thing here: no distribution
+    except Exception:  # noqa: BLE001 - not cached, no remote, no credentials...: all mean "no distribution"
         return None
     return lengths
 
@@ -198,7 +200,7 @@ def audit_table(rows: list[dict], lengths: dict[str, dict | None]) -> list[str]:
                    "tuned shorter than reward.min_tokens", "truncated", "formatted but wrong", "formatted",
                    "mean reward (tuned)")
     for r in rows:
-        tuned = (lengths.get(r["name"]) or {}).get("tuned")
+        tuned = (lengths.get(r["rev"]) or {}).get("tuned")
         lines.append(row(r["name"], r["variant"], _change(r, "mean_tokens", lambda x: fmt_num(x, 1)),
                          _quartiles(tuned), _short_rate(tuned, r["min_tokens"]), _change(r, "truncated"),
                          _change(r, "formatted_wrong"), _change(r, "format_rate"), fmt_num(r["mean_reward"])))
@@ -206,7 +208,7 @@ def audit_table(rows: list[dict], lengths: dict[str, dict | None]) -> list[str]:
 
 
 def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str) -> str:
-    no_lengths = [r["name"] for r in rows if lengths.get(r["name"]) is None]
+    no_lengths = [r["name"] for r in rows if lengths.get(r["rev"]) is None]
     lines = [f"# Reward variants on the `{set_name}` evaluation set", "",
              "Generated by `python -m grpo_gsm8k.variants` from `dvc exp show --json`: one row per DVC experiment, "
              "before = base model, after = GRPO-tuned. Settings lists the params that differ between experiments.",
@@ -225,13 +227,9 @@ def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_nam
     return "\n".join(lines)
 
 
-def _labels(rows: list[dict]) -> list[str]:
-    return [f"{r['variant']}\n{r['name']}" for r in rows]
-
-
-def plot_variants(path: Path | BinaryIO, rows: list[dict], lengths: dict) -> None:
+def plot_variants(path: Path, rows: list[dict], lengths: dict) -> None:
     """Accuracy before/after with Wilson intervals, and the completion-length distribution, per experiment."""
-    labels, level = _labels(rows), _level(rows)
+    labels, level = [f"{r['variant']}\n{r['name']}" for r in rows], _level(rows)
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
         fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(max(11.0, 2.6 * len(rows)), 5.5))
         try:
@@ -247,7 +245,7 @@ def plot_variants(path: Path | BinaryIO, rows: list[dict], lengths: dict) -> Non
             acc_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=9)
             _plot_lengths(len_ax, rows, lengths, labels)
             fig.tight_layout()
-            # No software stamp in the PNG, so the same experiments give byte-identical files.
+            # format: the temporary name has no .png suffix; no software stamp, so reruns are byte-identical.
             fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
         finally:
             plt.close(fig)
@@ -256,7 +254,7 @@ def plot_variants(path: Path | BinaryIO, rows: list[dict], lengths: dict) -> Non
 def _plot_lengths(ax, rows: list[dict], lengths: dict, labels: list[str]) -> None:
     frame = pd.DataFrame([{"experiment": label, "model": model, "n_tokens": n}
                           for r, label in zip(rows, labels) for model in MODELS
-                          for n in (lengths.get(r["name"]) or {}).get(model, [])],
+                          for n in (lengths.get(r["rev"]) or {}).get(model, [])],
                          columns=["experiment", "model", "n_tokens"])
     if not frame.empty:
         with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11's deprecated `vert`; harmless
@@ -265,8 +263,8 @@ def _plot_lengths(ax, rows: list[dict], lengths: dict, labels: list[str]) -> Non
                         palette=COLORS, ax=ax)
     for x, r in enumerate(rows):  # the mean from the metrics, also where no distribution could be read
         for offset, model in ((-0.2, "base"), (0.2, "tuned")):
-            ax.plot(x + offset, r[f"{model}_mean_tokens"], marker="D", color="black", mec="white", markersize=6, linestyle="none", zorder=5,
-                    label="mean" if x == 0 and model == "base" else None)
+            ax.plot(x + offset, r[f"{model}_mean_tokens"], marker="D", color="black", mec="white", linestyle="none",
+                    zorder=5, label="mean" if x == 0 and model == "base" else None)
     gates = {r["min_tokens"] for r in rows if r["variant"] == "study"}
     for gate in sorted(g for g in gates if g is not None):  # where the study's reward starts paying
         ax.axhline(gate, color="grey", linestyle="--", linewidth=1, label=f"reward.min_tokens = {gate}")
@@ -281,12 +279,10 @@ def run(repo: Path, out: Path, set_name: str = "study", all_commits: bool = Fals
     rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), set_name)
     if not rows:
         raise ValueError(NO_EXPERIMENTS.format(set=set_name, variants=", ".join(VARIANTS)))
-    lengths = {r["name"]: read_lengths(repo, r["rev"], set_name) for r in rows}
+    lengths = {r["rev"]: read_lengths(repo, r["rev"], set_name) for r in rows}
     figure = out.with_suffix(".png")
-    with atomic_file(figure) as tmp_png, atomic_file(out) as tmp_md:
-        # Saved through a handle: the temporary name has no .png suffix for matplotlib to go by.
-        with tmp_png.open("wb") as handle:
-            plot_variants(handle, rows, lengths)
+    with atomic_file(figure) as tmp_png, atomic_file(out) as tmp_md:  # both files or neither
+        plot_variants(tmp_png, rows, lengths)
         tmp_md.write_text(render_markdown(rows, lengths, skipped, set_name, figure.name))
     return rows
 

@@ -70,8 +70,8 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     return centre - half, centre + half
 
 
-LENGTHS = {"study-exp": {"base": [100, 120, 140], "tuned": [60, 80, 100]},
-           "naive-exp": {"base": [100, 120, 140], "tuned": [4, 6, 8, 50]}, "only-exp": None}
+LENGTHS = {"c" * 40: {"base": [100, 120, 140], "tuned": [60, 80, 100]},  # by revision: study-exp, naive-exp, only-exp
+           "b" * 40: {"base": [100, 120, 140], "tuned": [4, 6, 8, 50]}, "a" * 40: None}
 
 
 def table_rows(markdown: str, section: str) -> dict[str, list[str]]:
@@ -125,8 +125,7 @@ def test_markdown_holds_the_metrics_of_each_experiment():
 
 def test_run_writes_markdown_and_figure_identically_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(variants, "read_exp_show", lambda repo, all_commits: exp_show())
-    monkeypatch.setattr(variants, "read_lengths", lambda repo, rev, set_name: LENGTHS[
-        {"a": "only-exp", "b": "naive-exp", "c": "study-exp"}[rev[0]]])
+    monkeypatch.setattr(variants, "read_lengths", lambda repo, rev, set_name: LENGTHS[rev])
     out = tmp_path / "reports" / "variants.md"
     variants.run(tmp_path, out)
     first = out.read_bytes(), out.with_suffix(".png").read_bytes()
