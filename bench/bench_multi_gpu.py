@@ -61,21 +61,21 @@ def child(cli) -> None:
     state = PartialState(cpu=cli.cpu)  # initialises the process group (NCCL on GPUs, gloo with --cpu)
     if torch.cuda.is_available() and not cli.cpu:
         torch.cuda.set_device(state.local_process_index)  # build_model allocates on the *current* device
-    n = state.num_processes
+    n, rank = state.num_processes, state.process_index  # TrainingArguments re-creates the state later
     if cli.total_accum % n:
         raise SystemExit(f"gradient_accumulation_steps {cli.total_accum} is not divisible by {n} processes")
-    sys.stdout = _Prefixed(sys.stdout, f"[r{state.process_index}] ")
+    sys.stdout = _Prefixed(sys.stdout, f"[r{rank}] ")
 
     import bench_grpo_step
 
     cli.accum = cli.total_accum // n
     result = bench_grpo_step.run_engine(cli.engine, cli)
-    result.update(rank=state.process_index, world=n, accum=cli.accum,
+    result.update(rank=rank, world=n, accum=cli.accum,
                   device=torch.cuda.get_device_name() if torch.cuda.is_available() and not cli.cpu else "cpu")
     result.pop("fastgen_chunks", None)
     print(f"fastgen/summary: {json.dumps(result)}", flush=True)
     # the parent reads the result from a file: several ranks share one stdout pipe
-    Path(cli.result_dir, f"rank{state.process_index}.json").write_text(json.dumps(result))
+    Path(cli.result_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 def launch(n: int, cli, timeout: float) -> tuple[list[dict], str]:
@@ -89,15 +89,15 @@ def launch(n: int, cli, timeout: float) -> tuple[list[dict], str]:
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(n),
                 "--dynamo_backend", "no", "--main_process_port", str(cli.port + n),
                 "--mixed_precision", "no" if cli.cpu else "bf16"]
-    if cli.cpu:
-        launcher += ["--cpu"]  # accelerate runs N>1 CPU processes itself (gloo)
-    elif n > 1:
+    if n > 1:  # the GPU invocation also with --cpu (no GPU there: the ranks fall back to gloo), so it is tested
         launcher += ["--multi_gpu", "--gpu_ids", ",".join(map(str, range(n)))]
     else:
         launcher += ["--gpu_ids", "0"]
     command = launcher + [str(Path(__file__).resolve()), *argv]
     print(f"\n=== N={n}: {' '.join(command)}", flush=True)
     env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    if cli.cpu:
+        env["ACCELERATE_USE_CPU"] = "1"  # else TrainingArguments rebuilds a non-distributed state on a CPU host
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
