@@ -81,6 +81,7 @@ def grpo_config(params: Params, checkpoints: Path, device: str):
         save_strategy="steps", save_steps=train.save_steps, save_total_limit=None,  # CheckpointSync prunes
         logging_steps=train.logging_steps, bf16=device == "cuda" and params.model.dtype == "bfloat16",
         fp16=device == "cuda" and params.model.dtype == "float16", use_cpu=device == "cpu",
+        ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient; the search costs a graph pass
         **speed,
     )
 
@@ -174,7 +175,7 @@ def curve_summary(live_dir: Path) -> dict:
 
 
 def relaunch_under_accelerate(params: Params, argv: list[str]) -> int:
-    """Run this stage again as `num_processes` workers; the per-device batch stays, so more GPUs = more prompts."""
+    """Run this stage again as `num_processes` workers; each accumulates 1/N of the steps (same batch per step)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
                "--main_process_port", os.environ.get("GRPO_GSM8K_PORT", "29517"),
                "--num_processes", str(params.train.num_processes), "-m", "stages.train", *argv]
