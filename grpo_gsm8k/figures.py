@@ -165,10 +165,17 @@ def load_training_log(folder: Path | None) -> tuple[dict[str, pd.DataFrame], lis
     return curves, notes
 
 
+# The curves a reader of a GRPO run looks at first; the rest stay in `dvc plots show`.
+PREFERRED_CURVES = ("loss", "reward", "rewards/correctness_reward/mean", "rewards/format_reward/mean",
+                    "completions/mean_length", "completions/clipped_ratio", "kl", "entropy")
+
+
 def training_panels(names: Sequence[str]) -> list[str]:
-    """Loss first, then rewards, then the rest alphabetically, at most MAX_TRAINING_PANELS."""
+    """The preferred curves in that order, then other per-reward means, at most MAX_TRAINING_PANELS."""
     def rank(name: str) -> tuple[int, str]:
-        return (0 if "loss" in name else 1 if "reward" in name else 2, name)
+        if name in PREFERRED_CURVES:
+            return (PREFERRED_CURVES.index(name), name)
+        return (len(PREFERRED_CURVES) + (0 if name.startswith("rewards/") and name.endswith("/mean") else 1), name)
 
     return sorted(names, key=rank)[:MAX_TRAINING_PANELS]
 

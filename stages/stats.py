@@ -287,9 +287,6 @@ def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json:
     result = analyse(base, tuned, alpha=alpha, bootstrap_samples=bootstrap_samples, seed=seed,
                      power_target=power_target)
     curves, notes = figures.load_training_log(Path(train_log_dir) if train_log_dir else None)
-    shown = figures.training_panels(list(curves))
-    notes += [f"{name}: not plotted (more than {figures.MAX_TRAINING_PANELS} curves)" for name in curves
-              if name not in shown]
     result["training"] = {"curves": sorted(curves), "notes": notes}
     swaps = swap_table(base, tuned)
     # Everything is computed before any output is touched; the three outputs replace old ones only together.
