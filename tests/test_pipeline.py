@@ -71,7 +71,8 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
     assert "Running stage" not in again, again
 
     # Version everything: commit the lock and params, push the data, pull it into a fresh clone.
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "cpu preset run"], repo_copy)
+    run(["git", "add", "-A"], repo_copy)  # dvc.lock and the .gitignore files dvc wrote are new
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "cpu preset run"], repo_copy)
     dvc("push", cwd=repo_copy, env=env)
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo_copy), str(clone)], tmp_path)
