@@ -37,6 +37,14 @@ def reward_peak_step(curve: list[tuple[int, float]], saved_steps: list[int], win
     return max(eligible) if eligible else min(saved_steps)
 
 
+def canonical_adapter_config(path: Path) -> dict:
+    """peft writes "all-linear" target modules from a set, in hash order; sorted, equal runs give equal bytes."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return config
+
+
 def run(select: SelectParams, checkpoints: Path, live_dir: Path, adapter_dir: Path, out_json: Path) -> dict:
     saved = {step: folder for step, folder in local_checkpoints(checkpoints).items()
              if local_is_complete(folder, step, verify_hashes=False)}
@@ -58,8 +66,8 @@ def run(select: SelectParams, checkpoints: Path, live_dir: Path, adapter_dir: Pa
         "checkpoint": chosen.name,
     }
     with atomic_output_dir(adapter_dir) as tmp:
-        for name in ADAPTER_FILES:
-            shutil.copy2(chosen / name, tmp / name)
+        shutil.copy2(chosen / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+        write_json(tmp / "adapter_config.json", canonical_adapter_config(chosen / "adapter_config.json"))
     write_json(out_json, record)
     return record
 
