@@ -1,7 +1,7 @@
 """Train stage: GRPO (TRL `GRPOTrainer`) with LoRA adapters (peft) on the GSM8K training prompts.
 
     python -m stages.train --model models/base --data data/prepared/train.jsonl \
-        --checkpoints models/checkpoints --live results/train/live
+        --checkpoints models/checkpoints --live results/train/live --summary results/train/summary.json
 
 One reward function per reward of the chosen `reward.variant`, so TRL (and dvclive) log each. A checkpoint every
 `train.save_steps` goes to `checkpoint_remote` in the background (grpo_gsm8k.checkpoint_sync); rerunning after a
