@@ -92,7 +92,9 @@ def profile_training_shape(model, tokenizer, prompts, out_dir: str) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         gen.generate(prompts[4:8], 6, seed=1)
         sync()
-    text = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    averages = prof.key_averages()
+    text = (averages.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70) + "\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
     chunk = gen.stats.extra["chunks"][-1]
     text += f"\nlast chunk: {chunk}\n"
     print(text, flush=True)

@@ -30,7 +30,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SYSTEM = "Solve the math problem. Put the final answer after ####."
-ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}, "fast": None}
+ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}}
+# Our path and two of its pieces switched off, to attribute the gains: regional torch.compile of the decoder layers
+# for the training forward/backward, and gc.freeze() before training (see grpo_gsm8k/fastgen_trl.py).
+FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": False},
+                "fast-cudnn": {"compile": True, "freeze_gc": True, "cudnn_attention": True},
+                "fast-eager": {"compile": False, "freeze_gc": True, "cudnn_attention": False},
+                "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True}}  # as first measured
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 
 
@@ -120,11 +126,18 @@ def sync():
         torch.cuda.synchronize()
 
 
-def make_callback(clock: PhaseClock):
+def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path | None = None):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
+        profiler = None
+
         def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == profile_step:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.profiler.start()
             sync()
             clock.current = dict.fromkeys(PHASES, 0.0)
             self.start = time.perf_counter()
@@ -144,10 +157,27 @@ def make_callback(clock: PhaseClock):
             clock.current["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             clock.current["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
             clock.steps.append(dict(clock.current))
+            if self.profiler is not None:
+                self.profiler.stop()
+                clock.current["gpu_kernel_s"] = write_profile(self.profiler, clock.current["step"], profile_path)
+                self.profiler = None
             print(f"step {state.global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in clock.current.items()),
                   flush=True)
 
     return StepTimer()
+
+
+def write_profile(prof, step_s: float, path: Path) -> float:
+    """Kernel time of the profiled step against its wall time (profiling slows the host side), and the top ops."""
+    averages = prof.key_averages()
+    kernel_s = sum(e.self_device_time_total for e in averages) / 1e6
+    text = (f"profiled step: {step_s:.2f} s wall, {kernel_s:.2f} s of GPU kernels "
+            f"({100 * kernel_s / step_s:.0f}% busy at most)\n\n"
+            + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    path.write_text(text)
+    print(text[:300], flush=True)
+    return kernel_s
 
 
 def run_engine(engine: str, cli) -> dict:
@@ -156,6 +186,8 @@ def run_engine(engine: str, cli) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo_gsm8k.fastgen import fast_training_overrides, make_rollout_func
+    from grpo_gsm8k.fastgen_trl import (avoid_cudnn_attention, compile_decoder_layers, freeze_gc,
+                                        speed_up_training)
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
@@ -165,7 +197,7 @@ def run_engine(engine: str, cli) -> dict:
     dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM},
                                              {"role": "user", "content": r["question"]}],
                                   "answer": r["answer"].split("####")[-1].strip()} for r in gsm8k_rows("train", 400)])
-    fast = engine == "fast"
+    fast = engine in FAST_ENGINES
     extra = fast_training_overrides() if fast else ENGINES[engine]
     args = GRPOConfig(output_dir="/tmp/bench_grpo", per_device_train_batch_size=cli.per_device,
                       gradient_accumulation_steps=cli.accum, num_generations=cli.gens,
@@ -174,16 +206,31 @@ def run_engine(engine: str, cli) -> dict:
                       seed=0, beta=cli.beta, **extra)
     clock = PhaseClock()
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[correct], args=args,
-                          train_dataset=dataset, callbacks=[make_callback(clock)],
+                          train_dataset=dataset,
+                          callbacks=[make_callback(clock, cli.profile_step, Path(cli.out) / f"profile_{engine}.txt")],
                           rollout_func=make_rollout_func(vocab_size=len(tokenizer)) if fast else None,
-                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=cli.lora_dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     clock.wrap(trainer, "_generate", "generation")
     clock.wrap(trainer, "_generate_and_score_completions", "scoring", subtract="generation")
     clock.wrap(trainer, "compute_loss", "forward")
     clock.wrap(trainer.accelerator, "backward", "backward")
+    options = FAST_ENGINES.get(engine, {})
+    if engine == "fast":  # exactly what the train stage does (train.compile: auto)
+        speed_up_training(trainer.model, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
+    elif fast:  # the same pieces one by one, for attribution
+        if options["compile"] and torch.cuda.is_available():
+            compile_decoder_layers(trainer.model)
+        if not options["cudnn_attention"] and torch.cuda.is_available():
+            avoid_cudnn_attention()
+        if options["freeze_gc"]:
+            freeze_gc()
     trainer.train()
     result = summarize(engine, clock.steps, args)
+    if options.get("compile"):
+        from torch._dynamo.utils import counters
+
+        result["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
     if fast:
         stats = trainer.rollout_func.generator.stats
         result["fastgen"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()
@@ -222,7 +269,8 @@ def device_line() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engine", default="both", help="trl | trl-static | fast | both (= trl,fast) | a,b,c")
+    parser.add_argument("--engine", default="both",
+                        help="trl | trl-static | fast | fast-eager | fast-v1 | both (= trl,fast) | a,b,c")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--trl-steps", type=int, default=None, help="steps for the TRL engines (default: --steps)")
     parser.add_argument("--per-device", type=int, default=6)
@@ -230,7 +278,9 @@ def main() -> None:
     parser.add_argument("--gens", type=int, default=6)
     parser.add_argument("--max-completion", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="the anchors used 0; the study 0.05")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: checks the script, on CPU too")
+    parser.add_argument("--profile-step", type=int, default=0, help="torch.profiler over this step (1-based)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--timeout", type=float, default=None, help="seconds allowed per engine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -244,7 +294,8 @@ def main() -> None:
         steps = cli.trl_steps if engine.startswith("trl") and cli.trl_steps else cli.steps
         argv = [f"--engine={engine}", "--child", f"--steps={steps}", f"--per-device={cli.per_device}",
                 f"--accum={cli.accum}", f"--gens={cli.gens}", f"--max-completion={cli.max_completion}",
-                f"--beta={cli.beta}", f"--out={cli.out}"] + (["--tiny"] if cli.tiny else [])
+                f"--beta={cli.beta}", f"--lora-dropout={cli.lora_dropout}", f"--out={cli.out}",
+                f"--profile-step={cli.profile_step}"] + (["--tiny"] if cli.tiny else [])
         try:
             proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True,
                                   timeout=cli.timeout)

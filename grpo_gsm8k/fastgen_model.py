@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from grpo_gsm8k import fastgen_attention as attention
 from grpo_gsm8k import fastgen_kernels as kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -217,18 +218,29 @@ def decode_step(pm: PackedModel, st: DecodeState, attend_len: int) -> torch.Tens
     """Feed st.tokens at slot st.cur for every row; return the next-token logits (B, V) in fp32.
 
     Only slots < attend_len are read, so a graph captured for a bucket never touches the rest of the cache."""
-    slots = torch.arange(attend_len, device=st.tokens.device)
-    visible = (slots[None] >= st.pad_len[:, None]) & (slots[None] <= st.cur)  # (B, attend_len)
-    # additive mask (B, 1, 1, attend_len), broadcast over KV heads and grouped queries; built once per step
-    mask = torch.zeros(visible.shape, device=visible.device, dtype=pm.dtype).masked_fill_(~visible, float("-inf"))
-    layer_step = _fused_layers if kernels.enabled(st.tokens.device) else _torch_layers
-    return F.linear(layer_step(pm, st, mask[:, None, None], attend_len), pm.lm_head).float()
+    fused = kernels.enabled(st.tokens.device)
+    mask = None  # the Triton decode attention reads pad_len and cur itself
+    if not (fused and attention.shape_supported(st.kv.device, st.kv.dtype, (st.batch, pm.n_heads, pm.head_dim),
+                                                st.kv[0, 0], st.kv[0, 1])):
+        slots = torch.arange(attend_len, device=st.tokens.device)
+        visible = (slots[None] >= st.pad_len[:, None]) & (slots[None] <= st.cur)  # (B, attend_len)
+        # additive mask (B, 1, 1, attend_len), broadcast over KV heads and grouped queries; built once per step
+        mask = torch.zeros(visible.shape, device=visible.device, dtype=pm.dtype).masked_fill_(~visible,
+                                                                                              float("-inf"))
+        mask = mask[:, None, None]
+    layer_step = _fused_layers if fused else _torch_layers
+    return F.linear(layer_step(pm, st, mask, attend_len), pm.lm_head).float()
 
 
-def _attend(pm: PackedModel, st: DecodeState, i: int, q: torch.Tensor, mask: torch.Tensor, attend_len: int):
-    """q (B, Nq, D) -> attention output (B, Nq D). The G query heads of a KV head go to SDPA as G query positions
+def _attend(pm: PackedModel, st: DecodeState, i: int, q: torch.Tensor, mask: torch.Tensor | None,
+            attend_len: int):
+    """q (B, Nq, D) -> attention output (B, Nq D). With `mask` None: the Triton split-K kernel (fastgen_attention),
+    reading only each row's visible slots. Else SDPA, the G query heads of a KV head passed as G query positions
     of one head, (B, Nkv, G, D): grouped-query attention without expanding the cache."""
     b, g = q.shape[0], pm.n_heads // pm.n_kv_heads
+    if mask is None:
+        return attention.decode_attention(q, st.kv[i, 0], st.kv[i, 1], st.pad_len, st.cur,
+                                          attend_len).view(b, pm.n_heads * pm.head_dim)
     out = F.scaled_dot_product_attention(q.view(b, pm.n_kv_heads, g, pm.head_dim), st.kv[i, 0, :, :, :attend_len],
                                          st.kv[i, 1, :, :, :attend_len], attn_mask=mask)
     return out.reshape(b, pm.n_heads * pm.head_dim)
@@ -286,16 +298,25 @@ def prefill(pm: PackedModel, st: DecodeState, prompts: torch.Tensor, pad_len: to
     # A padding query sees only itself: no fully-masked row, so no NaN reaches the cache.
     mask = (causal[None] & real_key[:, None]) | torch.eye(p, dtype=torch.bool, device=prompts.device)[None]
     mask = mask[:, None]  # (U, 1, P, P)
-    x = pm.embed[prompts]  # (U, P, H)
+    fused = kernels.enabled(prompts.device)
+    x = pm.embed[prompts].reshape(u * p, -1)  # (U P, H) residual stream (updated in place by add_rmsnorm)
+    h = kernels.add_rmsnorm(x, None, pm.layers[0].input_norm, pm.eps) if fused else None
     for i, w in enumerate(pm.layers):
-        q, k, v = _split_qkv(pm, F.linear(rms_norm(x, w.input_norm, pm.eps), w.qkv, w.qkv_bias))
+        h = h if fused else rms_norm(x, w.input_norm, pm.eps)
+        q, k, v = _split_qkv(pm, F.linear(h, w.qkv, w.qkv_bias))
         q = apply_rope(q.view(u, p, pm.n_heads, d).transpose(1, 2), cos, sin)  # (U, Nq, P, D)
         k = apply_rope(k.view(u, p, pm.n_kv_heads, d).transpose(1, 2), cos, sin)  # (U, Nkv, P, D)
         v = v.view(u, p, pm.n_kv_heads, d).transpose(1, 2)
         st.kv[i, 0, :, :, :p].index_copy_(0, rows, k[row_prompt])
         st.kv[i, 1, :, :, :p].index_copy_(0, rows, v[row_prompt])
         attn = F.scaled_dot_product_attention(q, _expand_kv(k, g), _expand_kv(v, g), attn_mask=mask)
-        x = x + F.linear(attn.transpose(1, 2).reshape(u, p, pm.n_heads * d), w.o)
-        x = _mlp(x, w, pm.eps)
-    last = rms_norm(x[:, -1], pm.final_norm, pm.eps)
+        attn_out = F.linear(attn.transpose(1, 2).reshape(u * p, pm.n_heads * d), w.o)
+        if fused:  # the decode step's kernels over U P rows: same rounding as the torch ops below
+            h = kernels.add_rmsnorm(x, attn_out, w.post_norm, pm.eps)
+            down = F.linear(kernels.silu_mul(F.linear(h, w.gate_up)), w.down)
+            next_norm = pm.layers[i + 1].input_norm if i + 1 < len(pm.layers) else pm.final_norm
+            h = kernels.add_rmsnorm(x, down, next_norm, pm.eps)
+        else:
+            x = _mlp(x + attn_out, w, pm.eps)
+    last = h.view(u, p, -1)[:, -1] if fused else rms_norm(x.view(u, p, -1)[:, -1], pm.final_norm, pm.eps)
     return F.linear(last, pm.lm_head).float()

@@ -110,6 +110,7 @@ class TrainParams:
     loss_type: str = "dapo"
     mask_truncated_completions: bool = False
     gradient_checkpointing: bool | str = "auto"
+    compile: bool | str = "auto"
     keep_checkpoints: int = 4
     num_processes: int = 1
     accelerate_config: str = "configs/accelerate/ddp.yaml"
@@ -138,6 +139,7 @@ class TrainParams:
                f"train.checkpoint_remote={self.checkpoint_remote!r} must be an s3:// URI or \"\" for local only")
         _check(self.gradient_checkpointing in (True, False, "auto"),
                f"train.gradient_checkpointing={self.gradient_checkpointing!r} must be true, false or auto")
+        _check(self.compile in (True, False, "auto"), f"train.compile={self.compile!r} must be true, false or auto")
         self.lora.validate()
 
 

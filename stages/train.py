@@ -158,6 +158,10 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
                                 [LiveLogger(live_dir, resume_step=resumed_step), sync])
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
+        from grpo_gsm8k.fastgen_trl import speed_up_training
+
+        choice = params.train.compile
+        print("train:", speed_up_training(trainer.model, compile_layers=None if choice == "auto" else choice))
         trainer.train(resume_from_checkpoint=start_from)
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,

@@ -207,3 +207,38 @@ def test_rollout_logprobs_match_trl_training_forward(monkeypatch):
     ours = pad([torch.tensor(lp) for lp in out["logprobs"]], padding_value=0.0, padding_side="right")
     mask = completion_mask.bool()
     torch.testing.assert_close(ours[mask], logps[mask].float(), rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients():
+    """train.compile: the regionally compiled LoRA layers compute the same loss and gradients as eager (inductor
+    on CPU here; no dropout so both draw no random numbers), across new sequence lengths and padding."""
+    import gc
+
+    from grpo_gsm8k.fastgen_trl import compile_decoder_layers, speed_up_training
+
+    def loss_and_grads(model, ids, mask):
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        loss = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = with_lora(tiny_model()).train()
+    batches = []
+    for length, pad in ((9, 0), (14, 3), (21, 5)):
+        ids = torch.randint(3, 300, (3, length))
+        mask = torch.ones_like(ids)
+        mask[0, :pad] = 0
+        batches.append((ids, mask))
+    eager = [loss_and_grads(model, *b) for b in batches]
+    done = speed_up_training(model, compile_layers=True)
+    assert done == {"compiled_layers": 2, "cudnn_attention_off": False, "gc_frozen": True}
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    compiled = [loss_and_grads(model, *b) for b in batches]
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(eager, compiled):
+        assert loss_b == pytest.approx(loss_a, rel=1e-5)
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2  # A and B of 7 linears x 2 layers
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
+    assert compile_decoder_layers(model) == 2  # compiling again is harmless

@@ -39,6 +39,7 @@ def test_cpu_preset_loads(tmp_path):
     ({"train.checkpoint_remote": "gs://bucket"}, "train.checkpoint_remote='gs://bucket' must be an s3:// URI"),
     ({"stats.alpha": 1.5}, "stats.alpha=1.5 must be in (0, 1)"),
     ({"train.learning_rate": "fast"}, "train.learning_rate='fast' has the wrong type"),
+    ({"train.compile": "yes"}, "train.compile='yes' must be true, false or auto"),
 ])
 def test_bad_values_name_the_param(tmp_path, overrides, message):
     path = write_params(tmp_path / "p.yaml", cpu_params_dict(**overrides))

@@ -78,3 +78,31 @@ def test_fused_decode_step_matches_torch_step(monkeypatch):
     assert rel_err(logits["fused"], logits["torch"]) < 3e-2
     logps = {k: torch.log_softmax(v, -1) for k, v in logits.items()}
     assert rel_err(logps["fused"], logps["torch"]) < 1e-2
+
+
+def test_fused_prefill_matches_torch_prefill(monkeypatch):
+    """The prefill runs the decode step's add_rmsnorm / silu_mul over all prompt positions: same logits and K/V."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from grpo_gsm8k.fastgen_model import prefill
+
+    torch.manual_seed(4)
+    config = LlamaConfig(vocab_size=4000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=BF16)
+    pm = pack_weights(model, positions=512)
+    prompts = torch.randint(0, 4000, (3, 40), device="cuda")
+    pad_len = torch.tensor([0, 5, 17], device="cuda")
+    rows, row_prompt = torch.arange(6, device="cuda"), torch.tensor([0, 0, 1, 1, 2, 2], device="cuda")
+    out = {}
+    for name, flag in (("fused", "1"), ("torch", "0")):
+        monkeypatch.setenv("FASTGEN_TRITON", flag)
+        st = new_state(pm, batch=6, cache_len=128, max_new=4, eos_ids=[2])
+        st.kv.fill_(float("nan"))  # poison: every prompt slot must be written
+        with torch.no_grad():
+            out[name] = (prefill(pm, st, prompts, pad_len, rows, row_prompt), st.kv[:, :, :, :, :40].clone())
+    assert not out["fused"][1].isnan().any()
+    assert rel_err(out["fused"][1], out["torch"][1]) < 1e-2
+    logps = {k: torch.log_softmax(v[0], -1) for k, v in out.items()}
+    assert rel_err(logps["fused"], logps["torch"]) < 1e-2
