@@ -209,9 +209,11 @@ def test_rollout_logprobs_match_trl_training_forward(monkeypatch):
     torch.testing.assert_close(ours[mask], logps[mask].float(), rtol=1e-4, atol=1e-5)
 
 
-def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients():
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["keep-activations", "gradient-checkpointing"])
+def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpointing):
     """train.compile: the regionally compiled LoRA layers compute the same loss and gradients as eager (inductor
-    on CPU here; no dropout so both draw no random numbers), across new sequence lengths and padding."""
+    on CPU here; no dropout so both draw no random numbers), across new sequence lengths and padding, also under
+    HF gradient checkpointing (train.gradient_checkpointing: auto turns it on for GPUs under 60 GiB)."""
     import gc
 
     from grpo_gsm8k.fastgen_trl import compile_decoder_layers, speed_up_training
@@ -224,6 +226,9 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients():
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     model = with_lora(tiny_model()).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     batches = []
     for length, pad in ((9, 0), (14, 3), (21, 5)):
         ids = torch.randint(3, 300, (3, length))
