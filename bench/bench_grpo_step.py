@@ -217,7 +217,7 @@ def run_engine(engine: str, cli) -> dict:
     clock.wrap(trainer.accelerator, "backward", "backward")
     options = FAST_ENGINES.get(engine, {})
     if engine == "fast":  # exactly what the train stage does (train.compile: auto)
-        speed_up_training(trainer.model, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
+        speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
     elif fast:  # the same pieces one by one, for attribution
         if options["compile"] and torch.cuda.is_available():
             compile_decoder_layers(trainer.model)

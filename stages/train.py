@@ -161,7 +161,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         from grpo_gsm8k.fastgen_trl import speed_up_training
 
         choice = params.train.compile
-        print("train:", speed_up_training(trainer.model, compile_layers=None if choice == "auto" else choice))
+        print("train:", speed_up_training(trainer, compile_layers=None if choice == "auto" else choice))
         trainer.train(resume_from_checkpoint=start_from)
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,

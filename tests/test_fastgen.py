@@ -216,7 +216,7 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
     HF gradient checkpointing (train.gradient_checkpointing: auto turns it on for GPUs under 60 GiB)."""
     import gc
 
-    from grpo_gsm8k.fastgen_trl import compile_decoder_layers, speed_up_training
+    from grpo_gsm8k.fastgen_trl import compile_decoder_layers, freeze_gc
 
     def loss_and_grads(model, ids, mask):
         model.zero_grad()
@@ -236,8 +236,8 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
         mask[0, :pad] = 0
         batches.append((ids, mask))
     eager = [loss_and_grads(model, *b) for b in batches]
-    done = speed_up_training(model, compile_layers=True)
-    assert done == {"compiled_layers": 2, "cudnn_attention_off": False, "gc_frozen": True}
+    assert compile_decoder_layers(model) == 2
+    freeze_gc()
     assert gc.get_freeze_count() > 0
     gc.unfreeze()
     compiled = [loss_and_grads(model, *b) for b in batches]
@@ -247,3 +247,37 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
         for name in grads_a:
             torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6)
     assert compile_decoder_layers(model) == 2  # compiling again is harmless
+
+
+def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
+    """beta > 0: TRL's no-grad reference forward takes the whole generation batch at once (same log-probs as its
+    chunks); training forwards keep per_device_train_batch_size."""
+    import gc
+
+    from grpo_gsm8k.fastgen_trl import speed_up_training
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    tokenizer = tiny_tokenizer()
+    model = with_lora(tiny_model(vocab_size=len(tokenizer), eos=tokenizer.eos_token_id)).train()
+    trainer = _trainer(model, tokenizer, make_rollout_func(), [], beta=0.04)
+    calls = []
+    chunked = trainer._get_per_token_logps_and_entropies  # TRL's own, bound before the wrapper goes in
+
+    def spy(model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
+        calls.append((torch.is_grad_enabled(), input_ids.size(0), batch_size))
+        return chunked(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
+
+    trainer._get_per_token_logps_and_entropies = spy
+    assert speed_up_training(trainer) == {"compiled_layers": 0, "cudnn_attention_off": False, "gc_frozen": True}
+    gc.unfreeze()
+    trainer.train()
+    assert (False, 8, 8) in calls  # the reference forward: 4 per device x 2 accumulation, at once
+    assert {(rows, batch) for grad, rows, batch in calls if grad} == {(4, None)}  # micro-batches, untouched
+    ids = torch.randint(3, len(tokenizer), (8, 12))
+    mask = torch.ones_like(ids)
+    mask[:3, :4] = 0
+    with torch.no_grad():
+        whole = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 5, batch_size=4)[0]
+        in_chunks = chunked(trainer.model, ids, mask, 5, batch_size=4)[0]
+    assert calls[-1] == (False, 8, 8)
+    torch.testing.assert_close(whole, in_chunks, rtol=1e-5, atol=1e-6)
