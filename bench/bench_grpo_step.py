@@ -7,7 +7,8 @@ Builds the Llama-3.1-8B architecture with random bf16 weights on the GPU (no dow
 trained on GSM8K questions; lm_head outputs beyond that tokenizer's vocabulary are masked (TRL's generate) or
 excluded (our sampler's vocab_size), so completions decode. Random weights almost never emit EOS: every completion
 runs to max_completion_length, the worst case, identically for both paths. Shape as in the anchors: LoRA r=16
-all-linear, 6 per device x 4 accumulation, 6 generations (24 completions of 256 tokens per step), beta=0.
+all-linear, 6 per device x 4 accumulation, 6 generations (24 completions of 256 tokens per step), beta=0 (the
+study's settings: --beta 0.04 --lora-dropout 0.05).
 
 Each engine runs in its own subprocess (clean peak-memory numbers); the table gives the median of the steps after
 the first, completion tokens per second, peak allocated GiB, and the per-phase breakdown: generation (TRL's
@@ -31,8 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SYSTEM = "Solve the math problem. Put the final answer after ####."
 ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}}
-# Our path and two of its pieces switched off, to attribute the gains: regional torch.compile of the decoder layers
-# for the training forward/backward, and gc.freeze() before training (see grpo_gsm8k/fastgen_trl.py).
+# "fast" is what the train stage runs (speed_up_training: regional torch.compile of the decoder layers on a GPU,
+# SDPA off cuDNN, gc.freeze(), one-batch reference scoring). The others switch pieces off to attribute the gains.
+# BENCH_COMPILE_ON_CPU=1 compiles on CPU too (minutes of C++ builds; a check of the script, not a timing).
 FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": False},
                 "fast-cudnn": {"compile": True, "freeze_gc": True, "cudnn_attention": True},
                 "fast-eager": {"compile": False, "freeze_gc": True, "cudnn_attention": False},
@@ -270,7 +272,7 @@ def device_line() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine", default="both",
-                        help="trl | trl-static | fast | fast-eager | fast-v1 | both (= trl,fast) | a,b,c")
+                        help="trl | trl-static | fast | fast-cudnn | fast-eager | fast-v1 | both (= trl,fast) | a,b,c")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--trl-steps", type=int, default=None, help="steps for the TRL engines (default: --steps)")
     parser.add_argument("--per-device", type=int, default=6)

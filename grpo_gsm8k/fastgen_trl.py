@@ -1,7 +1,10 @@
-"""TRL glue for `grpo_gsm8k.fastgen`: a GRPOTrainer `rollout_func` and the config overrides of the fast path.
+"""TRL glue for `grpo_gsm8k.fastgen`: a GRPOTrainer `rollout_func`, the config overrides of the fast path, and the
+training-side speed-ups (regional torch.compile, no cuDNN attention, one-batch reference scoring, frozen GC).
 
     trainer = GRPOTrainer(..., args=GRPOConfig(..., **fast_training_overrides()),
                           rollout_func=make_rollout_func())
+    speed_up_training(trainer)
+    trainer.train()
 
 TRL 1.16 hands `rollout_func` the per-process generation batch exactly as its RepeatSampler built it: each prompt
 repeated num_generations times in a row (the docstring's "no duplication" does not match the code: rewards and

@@ -129,6 +129,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     from accelerate import PartialState
 
     from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
+    from grpo_gsm8k.fastgen_trl import speed_up_training
     from grpo_gsm8k.training_log import LiveLogger
 
     from grpo_gsm8k.modeling import pick_device
@@ -158,8 +159,6 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
                                 [LiveLogger(live_dir, resume_step=resumed_step), sync])
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
-        from grpo_gsm8k.fastgen_trl import speed_up_training
-
         choice = params.train.compile
         print("train:", speed_up_training(trainer, compile_layers=None if choice == "auto" else choice))
         trainer.train(resume_from_checkpoint=start_from)
