@@ -29,9 +29,11 @@ RUN_FILE = "run.json"
 
 
 def run_identity(params: Params, model_dir: Path, data_path: Path) -> dict:
-    """Everything that shapes the trained weights; bookkeeping params (saving, logging, pruning) are left out."""
+    """Everything that shapes the trained weights; bookkeeping params (saving, logging, pruning, compiling) are left
+    out, so changing them resumes the same run."""
     shaping = dataclasses.asdict(params.train)
-    for bookkeeping in ("save_steps", "logging_steps", "keep_checkpoints", "checkpoint_remote", "accelerate_config"):
+    for bookkeeping in ("save_steps", "logging_steps", "keep_checkpoints", "checkpoint_remote", "accelerate_config",
+                        "compile"):
         shaping.pop(bookkeeping)
     identity = {"seed": params.seed, "train": shaping, "reward": dataclasses.asdict(params.reward),
                 "engine": params.generation.engine, "model": _digest_folder_meta(model_dir),

@@ -97,6 +97,26 @@ def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
         (tmp_path / "baseline" / "completions.jsonl").read_bytes()
 
 
+@pytest.mark.slow
+def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model_dir):
+    """train.compile: true (auto turns it on only on a GPU): the compiled run checkpoints, resumes from its newest
+    checkpoint into freshly compiled layers, and keeps the run id of the uncompiled params."""
+    import shutil
+
+    params = tiny_params(tmp_path, tiny_model_dir, **{"train.compile": True})
+    data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
+    prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
+    paths = (tmp_path / "base", tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt", tmp_path / "live",
+             tmp_path / "summary.json")
+    first = train.run(params, *paths)
+    assert first["global_step"] == 2
+    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-2")  # as if killed before the last save
+    resumed = train.run(params, *paths)
+    assert resumed["resumed_from_step"] == 1 and resumed["global_step"] == 2
+    assert resumed["run_id"] == first["run_id"] == train.run_identity(tiny_params(tmp_path, tiny_model_dir),
+                                                                      paths[0], paths[1])["run_id"]
+
+
 def test_select_names_the_saved_steps(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**{"select.step": 800})))
     (tmp_path / "ckpt").mkdir()
