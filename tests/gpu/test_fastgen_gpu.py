@@ -2,17 +2,20 @@
 
 On a random 4-layer Llama with the 8B model's head layout (head_dim 128, 4 query heads per KV head) and a random
 LoRA r=16 on every linear layer: the log-probs the CUDA-graph generator reports match TRL's training forward on the
-same completions, and the per-token log-probs, GRPO loss and LoRA gradients of our training configuration match
-plain TRL's (gradient checkpointing on) - relative error <= 1e-2 in bf16 for each.
+same completions, and the per-token log-probs, GRPO loss and LoRA gradients of our training configuration (as the
+train stage sets it up: compiled decoder layers, no cuDNN attention, one-batch scoring) match plain TRL's (eager,
+gradient checkpointing on) - relative error <= 1e-2 in bf16 for each.
 """
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
 
 from grpo_gsm8k.fastgen import FastGenerator, fast_training_overrides, make_rollout_func
+from grpo_gsm8k.fastgen_trl import speed_up_training
 from tests.test_fastgen import tiny_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -108,6 +111,8 @@ def test_generator_logprobs_and_grpo_loss_match_plain_trl(tokenizer, monkeypatch
     plain = trainer_for(plain_model, tokenizer)
     rollout = make_rollout_func(seed=0)
     fast = trainer_for(fast_model, tokenizer, rollout, **fast_training_overrides())
+    assert speed_up_training(fast)["compiled_layers"] == 4
+    gc.unfreeze()
     prompts = [[{"role": "user", "content": q}] for q in QUESTIONS for _ in range(6)]
     out = rollout(prompts, fast)
     assert rollout.generator.use_cuda_graph and rollout.generator.stats.graphs_captured >= 1
