@@ -54,15 +54,20 @@ def test_silu_mul_matches_torch():
     assert rel_err(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up) < 1e-3
 
 
-def test_fused_decode_step_matches_torch_step(monkeypatch):
+def packed_random_llama(seed: int):
+    """A random 3-layer bf16 Llama on the GPU (4 query heads per KV head), packed for fastgen."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=4000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=BF16)
-    pm = pack_weights(model, positions=512)
+    return pack_weights(model, positions=512)
+
+
+def test_fused_decode_step_matches_torch_step(monkeypatch):
+    pm = packed_random_llama(seed=3)
     st = new_state(pm, batch=6, cache_len=256, max_new=4, eos_ids=[2])
     st.kv.normal_()
     st.tokens.random_(0, 4000)
@@ -82,16 +87,9 @@ def test_fused_decode_step_matches_torch_step(monkeypatch):
 
 def test_fused_prefill_matches_torch_prefill(monkeypatch):
     """The prefill runs the decode step's add_rmsnorm / silu_mul over all prompt positions: same logits and K/V."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from grpo_gsm8k.fastgen_model import prefill
 
-    torch.manual_seed(4)
-    config = LlamaConfig(vocab_size=4000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=BF16)
-    pm = pack_weights(model, positions=512)
+    pm = packed_random_llama(seed=4)
     prompts = torch.randint(0, 4000, (3, 40), device="cuda")
     pad_len = torch.tensor([0, 5, 17], device="cuda")
     rows, row_prompt = torch.arange(6, device="cuda"), torch.tensor([0, 0, 1, 1, 2, 2], device="cuda")
