@@ -85,7 +85,8 @@ def launch(n: int, cli, timeout: float) -> tuple[list[dict], str]:
     result_dir = tempfile.mkdtemp(prefix=f"bench_multi_gpu_n{n}_")
     argv = ["--child", f"--engine={cli.engine}", f"--steps={cli.steps}", f"--per-device={cli.per_device}",
             f"--total-accum={cli.total_accum}", f"--gens={cli.gens}", f"--max-completion={cli.max_completion}",
-            f"--beta={cli.beta}", f"--out={cli.out}", f"--result-dir={result_dir}"] + (["--tiny"] if cli.tiny else []) + (["--cpu"] if cli.cpu else [])
+            f"--beta={cli.beta}", f"--lora-dropout={cli.lora_dropout}", f"--profile-step={cli.profile_step}",
+            f"--out={cli.out}", f"--result-dir={result_dir}"] + (["--tiny"] if cli.tiny else []) + (["--cpu"] if cli.cpu else [])
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(n),
                 "--dynamo_backend", "no", "--main_process_port", str(cli.port + n),
                 "--mixed_precision", "no" if cli.cpu else "bf16"]
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--gens", type=int, default=6)
     parser.add_argument("--max-completion", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="the anchors used 0; the study 0.05")
+    parser.add_argument("--profile-step", type=int, default=0, help="torch.profiler over this step (1-based)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: checks the script, on CPU too")
     parser.add_argument("--cpu", action="store_true", help="run the processes on CPU (gloo); with --tiny")
     parser.add_argument("--port", type=int, default=29600)
