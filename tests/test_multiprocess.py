@@ -15,12 +15,15 @@ from tests.test_resume import setup_run, train_command
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir, compiled):
+    """compiled: train.compile true under DDP (on a GPU, auto turns it on); the resume half runs eager only, the
+    single-process stage test resumes a compiled run."""
     folder = tmp_path / "run"
     params = setup_run(folder, tiny_model_dir, remote="")
     text = params.read_text()
     for key, value in {"num_processes": 2, "accelerate_config": str(REPO / "configs/accelerate/cpu.yaml"),
-                       "max_steps": 3, "gradient_accumulation_steps": 2}.items():
+                       "max_steps": 3, "gradient_accumulation_steps": 2, "compile": compiled}.items():
         text = _set_train_param(text, key, value)
     params.write_text(text)
     env = {**os.environ, "GRPO_GSM8K_PORT": "29631", "OMP_NUM_THREADS": "1"}
@@ -31,6 +34,9 @@ def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["resumed_from_step"] == 0
     assert sorted(p.name for p in (folder / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert first.stdout.count(f"'compiled_layers': {2 if compiled else 0}") == 2, first.stdout[-2000:]
+    if compiled:
+        return
 
     shutil.rmtree(folder / "ckpt" / "checkpoint-3")  # as if killed before the last save
     second = subprocess.run(train_command(folder, params), cwd=REPO, env=env, capture_output=True, text=True,
