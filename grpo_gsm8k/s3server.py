@@ -241,7 +241,9 @@ class S3Server:
         taken: set[int] = set()
         if not port_is_free(self.port):
             if not self._auto_port:
-                raise S3ServerError(f"port {self.port} on {HOST} is in use by another program")
+                raise S3ServerError(f"port {self.port} on {HOST} is in use by another program; stop it (another "
+                                    "checkout's server: python -m grpo_gsm8k.s3server stop there) or choose "
+                                    "another port: python -m grpo_gsm8k.s3server start --port <N>")
             self.port = 0
         if self.port == 0:
             self.port = pick_port_pair(taken)
