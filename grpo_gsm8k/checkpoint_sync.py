@@ -19,18 +19,28 @@ copy is only deleted once its upload is complete.
 storage_options go to fsspec (s3fs): {} takes credentials and endpoint from the
 AWS_* environment (see `python -m grpo_gsm8k.s3server env`).
 
+Faults print one `warning:` line each on stderr and never stop training: a local or
+remote checkpoint that fails its checks is named with the reason and skipped (resume
+takes the newest one that verifies; a remote one that fails its hashes loses its
+manifest, so the next upload of that step replaces it); an upload that fails (server
+down, even between two files of one checkpoint) says that the checkpoint stays on
+local disk, and is retried until it arrives whole; its manifest goes last, so a
+half-uploaded checkpoint never counts.
+
 Limitation: under multi-GPU training only rank 0 uploads, when rank 0's on_save
 runs; rng_state_<rank>.pth files other ranks write later may miss the manifest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -50,6 +60,15 @@ class ChecksumError(RuntimeError):
 
 class RemoteUnavailable(RuntimeError):
     """The remote could not be listed, so we cannot tell which checkpoint is newest."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr: a fault we work around, which the user should still see (logging may be off)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # ---- manifests and local folders -------------------------------------------
@@ -82,17 +101,28 @@ def local_checkpoints(output_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def manifest_problem(ckpt_dir: Path, manifest: dict, verify_hashes: bool) -> str | None:
+    """What in the folder differs from the manifest (a file missing, its size or its hash), or None."""
+    for entry in manifest["files"]:
+        path = ckpt_dir / entry["path"]
+        if not path.is_file():
+            return f"{entry['path']} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{entry['path']} has {path.stat().st_size} bytes, {MANIFEST} says {entry['size']}"
+        if verify_hashes and sha256_file(path) != entry["sha256"]:
+            return f"{entry['path']} does not match its sha256 in {MANIFEST}"
+    return None
+
+
 def read_local_manifest(ckpt_dir: Path, verify_hashes: bool) -> dict | None:
     """The folder's manifest if every file it lists is there with that size (and hash)."""
     try:
         manifest = json.loads((ckpt_dir / MANIFEST).read_text())
-        for entry in manifest["files"]:
-            path = ckpt_dir / entry["path"]
-            if path.stat().st_size != entry["size"] or (verify_hashes and sha256_file(path) != entry["sha256"]):
-                return None
+        if manifest_problem(ckpt_dir, manifest, verify_hashes) is None:
+            return manifest
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return manifest
+        pass
+    return None
 
 
 def safetensors_intact(path: Path) -> bool:
@@ -107,24 +137,38 @@ def safetensors_intact(path: Path) -> bool:
         return False
 
 
-def saved_by_trainer(ckpt_dir: Path, step: int) -> bool:
+def trainer_save_problem(ckpt_dir: Path, step: int) -> str | None:
     """Completeness without a manifest: Trainer writes trainer_state.json after weights, optimizer and RNG."""
     try:
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
     except (OSError, ValueError):
-        return False
-    if state.get("global_step", step) != step or not any((ckpt_dir / n).is_file() for n in WEIGHT_FILES):
-        return False
-    tensors_ok = all(safetensors_intact(p) for p in ckpt_dir.glob("*.safetensors"))
+        return "no readable trainer_state.json (killed while saving?)"
+    if state.get("global_step", step) != step:
+        return f"its trainer_state.json is for step {state.get('global_step')}"
+    if not any((ckpt_dir / n).is_file() for n in WEIGHT_FILES):
+        return f"no weights file ({WEIGHT_FILES[0]})"
+    cut = [p.name for p in sorted(ckpt_dir.glob("*.safetensors")) if not safetensors_intact(p)]
     # torch.save writes zip archives; a cut-short one lacks its end-of-central-directory record.
-    pickles_ok = all(zipfile.is_zipfile(p) for ext in ("*.pt", "*.pth", "*.bin") for p in ckpt_dir.glob(ext))
-    return tensors_ok and pickles_ok
+    cut += [p.name for ext in ("*.pt", "*.pth", "*.bin") for p in sorted(ckpt_dir.glob(ext)) if not zipfile.is_zipfile(p)]
+    return f"{cut[0]} is cut short" if cut else None
+
+
+def saved_by_trainer(ckpt_dir: Path, step: int) -> bool:
+    return trainer_save_problem(ckpt_dir, step) is None
+
+
+def local_problem(ckpt_dir: Path, step: int, verify_hashes: bool = True) -> str | None:
+    """Why a local checkpoint folder cannot be resumed from, or None if it is complete."""
+    if not (ckpt_dir / MANIFEST).exists():
+        return trainer_save_problem(ckpt_dir, step)
+    try:
+        return manifest_problem(ckpt_dir, json.loads((ckpt_dir / MANIFEST).read_text()), verify_hashes)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {MANIFEST} is unreadable ({first_line(err)})"
 
 
 def local_is_complete(ckpt_dir: Path, step: int, verify_hashes: bool = True) -> bool:
-    if (ckpt_dir / MANIFEST).exists():
-        return read_local_manifest(ckpt_dir, verify_hashes) is not None
-    return saved_by_trainer(ckpt_dir, step)
+    return local_problem(ckpt_dir, step, verify_hashes) is None
 
 
 # ---- the remote ----------------------------------------------------------------
@@ -176,17 +220,20 @@ class RemoteStore:
         return manifest if valid else None
 
     def upload(self, ckpt_dir: Path, step: int, manifest: dict) -> None:
-        # Drop an old manifest first: while files are replaced, the checkpoint must read as incomplete.
-        try:
-            self.fs.rm_file(self.path(step, MANIFEST))
-        except FileNotFoundError:
-            pass
+        self.drop_manifest(step)  # first: while files are replaced, the checkpoint must read as incomplete
         for entry in manifest["files"]:
             self.fs.put_file(str(ckpt_dir / entry["path"]), self.path(step, entry["path"]))
         self.fs.pipe_file(self.path(step, MANIFEST), json.dumps(manifest, indent=1).encode())
 
+    def drop_manifest(self, step: int) -> None:
+        """The checkpoint then reads as incomplete: never resumed from, and replaced by its next upload."""
+        try:
+            self.fs.rm_file(self.path(step, MANIFEST))
+        except FileNotFoundError:
+            pass
+
     def delete(self, step: int) -> None:
-        self.fs.rm_file(self.path(step, MANIFEST))  # first, so a half-deleted folder reads as incomplete
+        self.drop_manifest(step)  # first, so a half-deleted folder reads as incomplete
         self.fs.rm(self.path(step), recursive=True)
 
 
@@ -250,8 +297,9 @@ class CheckpointSync(TrainerCallback):
         if not state.is_world_process_zero:
             return
         if not self.wait_idle(self.drain_timeout):
-            logger.error("checkpoint upload not finished after %.0fs; not uploaded: %s",
-                         self.drain_timeout, sorted(self._pending))
+            left = ", ".join(f"checkpoint-{s}" for s in sorted(self._pending))
+            warn(f"upload to {self.remote_uri} not finished after {self.drain_timeout:.0f}s: {left} stay in "
+                 f"{self.output_dir}, and the next run of the train stage uploads them first")
         self.close()
 
     # -- queue --
@@ -291,8 +339,8 @@ class CheckpointSync(TrainerCallback):
                 self.failed_attempts += 1
                 parked = self.max_retries is not None and failures >= self.max_retries
                 delay = None if parked else min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max)
-                logger.warning("checkpoint upload to %s failed (attempt %d): %s; %s", self.remote_uri, failures,
-                               failure, "waiting for the next save" if parked else f"retrying in {delay:.1f}s")
+                warn(f"{failure} (attempt {failures}); it stays in {self.output_dir} and is uploaded whole later, "
+                     + ("at the next save" if parked else f"retrying in {delay:.1f}s"))
                 self._wake.wait(delay)
             self._wake.clear()
 
@@ -306,13 +354,13 @@ class CheckpointSync(TrainerCallback):
             try:
                 self._sync_one(step)
             except Exception as err:  # the network or the server: keep training, retry later
-                return f"checkpoint-{step}: {err}"
+                return f"upload of checkpoint-{step} to {self.remote_uri} failed: {first_line(err)}"
             with self._lock:
                 self._pending.discard(step)
         try:
             self._prune()
         except Exception as err:  # pruning is housekeeping: the next drain tries again
-            logger.warning("checkpoint pruning failed: %s", err)
+            logger.warning("checkpoint pruning failed: %s", first_line(err))
         with self._lock:
             if not self._pending:
                 self._idle.set()
@@ -355,25 +403,32 @@ class CheckpointSync(TrainerCallback):
 
 
 # ---- resume ----------------------------------------------------------------------
+def newest_local_checkpoint(output_dir: str | Path) -> tuple[Path, int] | None:
+    """(folder, step) of the newest local checkpoint that verifies; each newer one is reported and skipped."""
+    for step, ckpt_dir in reversed(local_checkpoints(Path(output_dir)).items()):
+        problem = local_problem(ckpt_dir, step)
+        if problem is None:
+            return ckpt_dir, step
+        warn(f"{ckpt_dir} is incomplete or damaged ({problem}); skipping it")
+    return None
+
+
 def latest_complete_checkpoint(output_dir: str | Path, remote_uri: str | None,
                                storage_options: dict | None = None) -> tuple[str, int] | None:
     """(location, step) of the newest complete checkpoint: a local path, or the remote URI of the folder.
 
-    Local wins a tie (no download). Truncated local folders (killed mid-save) are skipped.
+    Local wins a tie (no download). Damaged local folders are reported and skipped; remote ones
+    count when their files have the manifest's sizes (hashes are checked by the download).
     Raises RemoteUnavailable if the remote cannot be listed: silently restarting from an
     older checkpoint (or from scratch) would throw away work.
     """
-    best_local = next(((str(d), s) for s, d in reversed(local_checkpoints(Path(output_dir)).items())
-                       if local_is_complete(d, s)), None)
-    best_remote = None
+    local = newest_local_checkpoint(output_dir)
+    best_local = (str(local[0]), local[1]) if local else None
     if remote_uri:
         store = RemoteStore(remote_uri, storage_options)
-        steps = store.complete_steps()
-        if steps:
-            step = max(steps)
-            best_remote = (f"{store.uri}/checkpoint-{step}", step)
-    if best_remote and (best_local is None or best_remote[1] > best_local[1]):
-        return best_remote
+        step = max(store.complete_steps(), default=None)
+        if step is not None and (best_local is None or step > best_local[1]):
+            return f"{store.uri}/checkpoint-{step}", step
     return best_local
 
 
@@ -397,8 +452,8 @@ def fetch_checkpoint(remote_uri: str, step: int, dest_dir: str | Path, storage_o
             store.fs.get_file(store.path(step, entry["path"]), str(local))
             size, digest = local.stat().st_size, sha256_file(local)
             if size != entry["size"] or digest != entry["sha256"]:
-                raise ChecksumError(f"{store.path(step, entry['path'])}: got {size} bytes sha256 {digest[:12]}, "
-                                    f"manifest says {entry['size']} bytes sha256 {entry['sha256'][:12]}")
+                raise ChecksumError(f"{entry['path']}: got {size} bytes sha256 {digest[:12]}, "
+                                    f"its manifest says {entry['size']} bytes sha256 {entry['sha256'][:12]}")
         write_local_manifest(partial, manifest)
         shutil.rmtree(target, ignore_errors=True)  # an incomplete local copy of the same step
         os.replace(partial, target)
@@ -408,12 +463,24 @@ def fetch_checkpoint(remote_uri: str, step: int, dest_dir: str | Path, storage_o
 
 
 def resume_path(output_dir: str | Path, remote_uri: str | None, storage_options: dict | None = None) -> str | None:
-    """What to pass to trainer.train(resume_from_checkpoint=...): newest complete checkpoint, local path."""
-    found = latest_complete_checkpoint(output_dir, remote_uri, storage_options)
-    if found is None:
-        return None
-    location, step = found
-    if Path(location).is_dir():
-        return location
-    logger.info("resuming from %s (newer than any local checkpoint); downloading", location)
-    return str(fetch_checkpoint(remote_uri, step, output_dir, storage_options))
+    """What to pass to trainer.train(resume_from_checkpoint=...): the newest checkpoint that verifies, local path.
+
+    Remote checkpoints newer than the newest good local one are fetched newest first; one that fails
+    its hashes is reported, loses its manifest (so a rerun does not trip over it and the next upload of
+    its step replaces it) and is skipped. None: no checkpoint verifies, train from scratch.
+    """
+    local = newest_local_checkpoint(output_dir)
+    local_step = local[1] if local else 0
+    if remote_uri:
+        store = RemoteStore(remote_uri, storage_options)
+        for step in sorted((s for s in store.complete_steps() if s > local_step), reverse=True):
+            try:
+                logger.info("resuming from %s (newer than any local checkpoint); downloading", store.path(step))
+                return str(fetch_checkpoint(remote_uri, step, output_dir, storage_options))
+            except ChecksumError as err:
+                warn(f"{store.uri}/checkpoint-{step} failed to verify ({err}); skipping it")
+                with contextlib.suppress(Exception):  # e.g. read-only credentials: it is skipped anyway
+                    store.drop_manifest(step)
+            except Exception as err:  # the network or the server, as for a listing
+                raise RemoteUnavailable(f"cannot download {store.uri}/checkpoint-{step}: {first_line(err)}") from err
+    return str(local[0]) if local else None

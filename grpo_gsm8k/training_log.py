@@ -1,31 +1,46 @@
 """Training curves with dvclive, indexed by the trainer's global step (so `dvc plots show` and resumes agree).
 
 dvclive's own HF callback counts log calls, not optimizer steps; a resumed run would then restart its x-axis.
-Here every logged value is written at `state.global_step`, and on resume the rows past the checkpoint being
-resumed are dropped first (they were logged after it and will be logged again).
+Here every logged value is written at `state.global_step`. The curves travel with every checkpoint: Trainer keeps
+each log call in `trainer_state.json`'s `log_history`, so a resume (from local disk or from S3 on a fresh machine)
+rewrites the live dir from the checkpoint's log before appending, and ends with the curves of an uninterrupted run.
 """
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-SKIPPED = {"epoch", "total_flos", "train_loss", "train_runtime", "train_samples_per_second",
-           "train_steps_per_second"}  # end-of-run summaries, not curves
+SKIPPED = {"epoch", "step", "total_flos", "train_loss", "train_runtime", "train_samples_per_second",
+           "train_steps_per_second"}  # end-of-run summaries and log_history's own step, not curves
 
 
-def trim_after(live_dir: Path, step: int) -> None:
-    """Drop rows logged after `step` from every dvclive metric file."""
-    for tsv in (Path(live_dir) / "plots" / "metrics").rglob("*.tsv"):
-        with tsv.open() as handle:
-            rows = list(csv.reader(handle, delimiter="\t"))
-        header, body = rows[0], rows[1:]
-        step_col = header.index("step")
-        kept = [row for row in body if int(row[step_col]) <= step]
-        with tsv.open("w", newline="") as handle:
-            csv.writer(handle, delimiter="\t", lineterminator="\n").writerows([header, *kept])
+def log_row(live, step: int, logs: dict) -> None:
+    """One Trainer log call (or one log_history entry) as one row of each of its curves."""
+    live.step = step
+    for key, value in logs.items():
+        if key not in SKIPPED and isinstance(value, (int, float)) and math.isfinite(value):
+            live.log_metric(key, float(value))
+    live.next_step()
+
+
+def open_live(live_dir: Path, log_history: list[dict]):
+    """A dvclive Live whose curves are exactly `log_history` (a resumed checkpoint's log, or [] for a new run)."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
+    for entry in log_history:
+        log_row(live, entry["step"], entry)
+    return live
+
+
+def restore_curves(live_dir: Path, checkpoint: Path) -> None:
+    """Rewrite the live dir from a checkpoint's trainer_state.json (a finished run fetched onto a new machine)."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    open_live(live_dir, state.get("log_history", [])).end()
 
 
 def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
@@ -38,28 +53,17 @@ def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
 
 
 class LiveLogger(TrainerCallback):
-    def __init__(self, live_dir: Path, resume_step: int = 0):
-        self.live_dir, self.resume_step = Path(live_dir), resume_step
+    def __init__(self, live_dir: Path):
+        self.live_dir = Path(live_dir)
         self.live = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        from dvclive import Live
-
-        resume = self.resume_step > 0 and self.live_dir.exists()
-        if resume:
-            trim_after(self.live_dir, self.resume_step)
-        self.live = Live(dir=str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=False)
+        if state.is_world_process_zero:  # a resumed Trainer has loaded the checkpoint's log_history by now
+            self.live = open_live(self.live_dir, state.log_history)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.live is None or not logs:
-            return
-        self.live.step = state.global_step
-        for key, value in logs.items():
-            if key not in SKIPPED and isinstance(value, (int, float)) and math.isfinite(value):
-                self.live.log_metric(key, float(value))
-        self.live.next_step()
+        if self.live is not None and logs:
+            log_row(self.live, state.global_step, logs)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.live is not None:

@@ -48,17 +48,25 @@ def _digest_folder_meta(folder: Path) -> str:
 
 
 def claim_run(checkpoints: Path, live_dir: Path, identity: dict) -> bool:
-    """Keep the folders if they belong to this run (a resume); clear them if they hold another run's state."""
+    """Keep the folders if they belong to this run (a resume); clear them if they hold another run's state.
+
+    run.json is written either way, so a folder that cannot be written fails here, before any training."""
     run_file = checkpoints / RUN_FILE
-    if run_file.is_file() and json.loads(run_file.read_text()).get("run_id") == identity["run_id"]:
-        return True
-    if checkpoints.exists() and any(checkpoints.iterdir()):
-        print(f"train: {checkpoints} holds another run's checkpoints (params changed); starting a new run")
-    for folder in (checkpoints, live_dir):
-        shutil.rmtree(folder, ignore_errors=True)
-    checkpoints.mkdir(parents=True)
-    run_file.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    return False
+    resuming = run_file.is_file() and json.loads(run_file.read_text()).get("run_id") == identity["run_id"]
+    try:
+        if not resuming:
+            if checkpoints.exists() and any(checkpoints.iterdir()):
+                print(f"train: {checkpoints} holds another run's checkpoints (params changed); starting a new run")
+            for folder in (checkpoints, live_dir):
+                if folder.exists():
+                    shutil.rmtree(folder)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        write_json(run_file, identity)
+    except OSError as err:
+        folder = live_dir if str(err.filename or "").startswith(str(live_dir)) else checkpoints
+        raise ValueError(f"{folder} is not writable ({err.strerror}: {err.filename}); fix its permissions or "
+                         "mount (e.g. chattr -i, a read-only mount) or pass the stage another folder") from None
+    return resuming
 
 
 def grpo_config(params: Params, checkpoints: Path, device: str):
@@ -132,7 +140,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
 
     from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
     from grpo_gsm8k.fastgen_trl import speed_up_training
-    from grpo_gsm8k.training_log import LiveLogger
+    from grpo_gsm8k.training_log import LiveLogger, restore_curves
+    from grpo_gsm8k.train_diagnostics import UpdateNormLogger, no_signal_warning, read_curves, signal_summary
 
     from grpo_gsm8k.modeling import pick_device
 
@@ -155,10 +164,12 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     if resumed_step >= params.train.max_steps:
         # Trainer would take one more step before checking max_steps; the run is already complete.
         print(f"train: run {identity['run_id']} is complete at step {resumed_step}; nothing to train")
+        if state.is_main_process:  # e.g. fetched onto a fresh machine: its curves come with the checkpoint
+            restore_curves(live_dir, Path(start_from))
         global_step = resumed_step
     else:
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
-                                [LiveLogger(live_dir, resume_step=resumed_step), sync])
+                                [UpdateNormLogger(), LiveLogger(live_dir), sync])  # the norm joins the logs first
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
         choice = params.train.compile
@@ -166,9 +177,12 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         trainer.train(resume_from_checkpoint=start_from)
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,
-               "uploaded_steps": sorted(sync.uploaded), "remote": remote or "", **curve_summary(live_dir)}
+               "uploaded_steps": sorted(sync.uploaded), "remote": remote or "", **curve_summary(live_dir),
+               **signal_summary(read_curves(live_dir))}
     if state.is_main_process:
         write_json(summary_path, summary)
+        if warning := no_signal_warning(summary):
+            print(warning)
     return summary
 
 

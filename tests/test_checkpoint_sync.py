@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -18,8 +20,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from grpo_gsm8k.checkpoint_sync import (MANIFEST, CheckpointSync, ChecksumError, RemoteUnavailable,
-                                        fetch_checkpoint, latest_complete_checkpoint, resume_path)
+from grpo_gsm8k.checkpoint_sync import (MANIFEST, CheckpointSync, ChecksumError, RemoteStore, RemoteUnavailable,
+                                        build_manifest, fetch_checkpoint, latest_complete_checkpoint, resume_path,
+                                        write_local_manifest)
+from grpo_gsm8k.s3server import pid_alive
 from tests.conftest_s3 import fast_fail_options
 
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
@@ -153,21 +157,73 @@ def test_fetch_rejects_a_same_size_corrupted_file(tmp_path, remote, options):
         fetch_checkpoint(remote, 1, tmp_path / "fetched", options)
 
 
-@pytest.mark.parametrize("damage", ["no_trainer_state", "weights_cut", "optimizer_cut", "manifest_mismatch"])
-def test_truncated_local_checkpoint_falls_back_to_previous(tmp_path, damage):
+@pytest.mark.parametrize("damage, reason", [
+    ("no_trainer_state", "trainer_state.json"),  # killed mid-save: Trainer writes trainer_state.json last
+    ("weights_cut", "adapter_model.safetensors"),
+    ("optimizer_cut", "optimizer.pt"),
+    ("manifest_mismatch", "optimizer.pt"),  # the manifest lists a size the file does not have
+    ("bytes_flipped", "sha256"),  # same size, other bytes: only the manifest's hash tells
+])
+def test_damaged_local_checkpoint_is_reported_and_skipped(tmp_path, damage, reason, capfd):
     out = tmp_path / "out"
     write_checkpoint(out, 1)
     newest = write_checkpoint(out, 2)
-    if damage == "no_trainer_state":  # killed mid-save: Trainer writes trainer_state.json last
+    if damage == "no_trainer_state":
         (newest / "trainer_state.json").unlink()
     elif damage == "manifest_mismatch":
         (newest / MANIFEST).write_text(json.dumps(
             {"step": 2, "files": [{"path": "optimizer.pt", "size": 1, "sha256": "0" * 64}]}))
+    elif damage == "bytes_flipped":
+        write_local_manifest(newest, build_manifest(newest, 2))
+        flip_last_byte(newest / "optimizer.pt")
     else:
         name = "adapter_model.safetensors" if damage == "weights_cut" else "optimizer.pt"
         data = (newest / name).read_bytes()
         (newest / name).write_bytes(data[: len(data) // 2])
+    capfd.readouterr()
     assert latest_complete_checkpoint(out, None, None) == (str(out / "checkpoint-1"), 1)
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and str(newest) in lines[0] and reason in lines[0] and "skip" in lines[0], lines
+
+
+def flip_last_byte(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+
+
+@pytest.mark.parametrize("corrupt, local, expected", [
+    ({3}, set(), 2),  # the newest one is bad: the one before it, fetched
+    ({2, 3}, {1}, 1),  # every remote one newer than the local copy is bad: the local one
+    ({1, 2, 3}, set(), None),  # none verifies: train from scratch
+])
+def test_corrupted_remote_checkpoints_are_reported_and_skipped(tmp_path, remote, options, capfd, corrupt, local,
+                                                               expected):
+    out = tmp_path / "out"
+    run = Run(out, new_sync(out, remote, options))
+    for step in (1, 2, 3):
+        run.save(step)
+    run.end()
+    wanted = digests(out / f"checkpoint-{expected}") if expected else None
+    fs = s3fs.S3FileSystem(**options)
+    for step in corrupt:  # same size, other bytes: the listing cannot tell
+        key = f"{remote}/checkpoint-{step}/optimizer.pt"
+        data = fs.cat(key)
+        fs.pipe(key, data[:-1] + bytes([data[-1] ^ 1]))
+    for step in {1, 2, 3} - local:
+        shutil.rmtree(out / f"checkpoint-{step}")
+    capfd.readouterr()
+    found = resume_path(out, remote, options)
+    assert found == (str(out / f"checkpoint-{expected}") if expected else None)
+    if expected:
+        assert digests(out / f"checkpoint-{expected}") == wanted
+    lines = capfd.readouterr().err.splitlines()
+    skipped = sorted(corrupt - local)
+    assert len(lines) == len(skipped), lines
+    for step, line in zip(reversed(skipped), lines):  # newest first
+        assert f"checkpoint-{step}" in line and "optimizer.pt" in line and "skip" in line, line
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"checkpoint-{s}" for s in local | {expected} - {None})
+    # A rerun does not trip over them again, and the next upload of their step replaces them.
+    assert not set(skipped) & set(RemoteStore(remote, options).complete_steps())
 
 
 def test_server_down_mid_run_every_checkpoint_arrives_after_restart(s3_server, tmp_path):
@@ -203,6 +259,79 @@ def test_server_down_then_back_keeps_all_checkpoints(s3_server, tmp_path):
     run.end()
     steps = remote_steps(options, remote)
     assert steps == {step: {*FILES, MANIFEST} for step in (1, 2, 3)}
+
+
+def killing_session(server, key_suffix: str):
+    """An aiobotocore session whose S3 client kill -9s the real server right before it uploads `key_suffix`.
+
+    The hook only picks the moment (deterministically, between two files of one upload); the failure that
+    follows is the real one of a server that is gone.
+    """
+    from aiobotocore.session import AioSession
+
+    session, killed = AioSession(), []
+
+    def before_put(params, **_):
+        if params["Key"].endswith(key_suffix) and not killed:
+            pid = server.pid()
+            os.killpg(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.05)
+            killed.append(params["Key"])
+
+    session.register("before-parameter-build.s3.PutObject", before_put)
+    return session, killed
+
+
+def upload_lines(capfd, step: int) -> list[str]:
+    return [line for line in capfd.readouterr().err.splitlines() if f"checkpoint-{step}" in line]
+
+
+def test_server_killed_mid_upload_then_back_the_checkpoint_arrives_whole(s3_server, tmp_path, capfd):
+    out, remote, options = tmp_path / "out", f"s3://{s3_server.bucket}/run", fast_fail_options(s3_server)
+    session, killed = killing_session(s3_server, "checkpoint-2/optimizer.pt")
+    run = Run(out, new_sync(out, remote, {**options, "session": session}))
+    run.save(1)
+    assert run.sync.wait_idle(30)
+    capfd.readouterr()
+    run.save(2)
+    wait_for(lambda: run.sync.failed_attempts >= 2, "the upload never failed after the server was killed")
+    assert killed == ["run/checkpoint-2/optimizer.pt"]
+    lines = upload_lines(capfd, 2)
+    assert lines and all("upload" in line and str(out) in line and "retry" in line for line in lines), lines
+    s3_server.start()
+    run.end()
+    assert run.sync.uploaded == [1, 2]
+    assert remote_steps(options, remote) == {1: {*FILES, MANIFEST}, 2: {*FILES, MANIFEST}}
+    expected = digests(out / "checkpoint-2")
+    fetched = fetch_checkpoint(remote, 2, tmp_path / "fresh", options)  # verifies every hash
+    assert digests(fetched) == expected
+
+
+def test_process_dies_while_the_server_is_down_mid_upload_next_run_resumes(s3_server, tmp_path, capfd):
+    out, remote, options = tmp_path / "out", f"s3://{s3_server.bucket}/run", fast_fail_options(s3_server)
+    session, killed = killing_session(s3_server, "checkpoint-2/optimizer.pt")
+    run = Run(out, new_sync(out, remote, {**options, "session": session}))
+    run.save(1)
+    assert run.sync.wait_idle(30)
+    capfd.readouterr()
+    run.save(2)
+    wait_for(lambda: run.sync.failed_attempts >= 1, "the upload never failed after the server was killed")
+    run.sync.close()  # the training process dies before the server is back
+    lines = upload_lines(capfd, 2)
+    assert lines and all(str(out) in line for line in lines), lines  # says where the checkpoint stays
+    s3_server.start()
+    # On the server: checkpoint-2 half there, without its manifest; a fresh machine takes checkpoint-1.
+    assert remote_steps(options, remote)[2] == {"adapter_config.json", "adapter_model.safetensors"}
+    assert latest_complete_checkpoint(tmp_path / "fresh", remote, options) == (f"{remote}/checkpoint-1", 1)
+    # This machine's next run resumes from its local checkpoint-2 and uploads it whole first.
+    assert latest_complete_checkpoint(out, remote, options) == (str(out / "checkpoint-2"), 2)
+    again = Run(out, new_sync(out, remote, options))
+    again.begin()
+    assert again.sync.wait_idle(30)
+    again.end()
+    assert again.sync.uploaded == [2]
+    assert remote_steps(options, remote) == {1: {*FILES, MANIFEST}, 2: {*FILES, MANIFEST}}
 
 
 def test_max_retries_parks_the_uploader_until_the_next_save(tmp_path, options):
