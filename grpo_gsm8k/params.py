@@ -1,14 +1,16 @@
 """Load params.yaml once into frozen dataclasses, one per section.
 
-An unknown key, a missing key or an out-of-range value raises `ParamsError` with one line that names the
-param and the fix. Stages call `load_params(path)` and read only the sections they declare in dvc.yaml.
+params.yaml is the only place a study value is written: no field here has a default, so a missing key is an
+error that names it, as is an unknown key, an out-of-range value or a file that is not valid YAML (one
+`ParamsError` line naming the param, or the file:line:column, and the fix). Stages call `load_params(path)` and
+read only the sections they declare in dvc.yaml.
 """
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -24,8 +26,8 @@ class ParamsError(ValueError):
 class DataParams:
     source: str
     system_prompt: str
-    hub_config: str = "main"
-    train_questions: int | str = "all"
+    hub_config: str
+    train_questions: int | str
 
     def validate(self) -> None:
         _check_count("data.train_questions", self.train_questions)
@@ -55,9 +57,9 @@ class EvaluationParams:
 @dataclass(frozen=True)
 class ModelParams:
     source: str
-    revision: str = "main"
-    dtype: str = "bfloat16"
-    device: str = "auto"
+    revision: str
+    dtype: str
+    device: str
 
     def validate(self) -> None:
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -66,11 +68,11 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class GenerationParams:
-    engine: str = "hf"
-    max_new_tokens: int = 512
-    temperature: float = 0.8
-    top_p: float = 1.0
-    batch_size: int = 32
+    engine: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    batch_size: int
 
     def validate(self) -> None:
         _check_choice("generation.engine", self.engine, ("hf", "fast"))
@@ -82,10 +84,10 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | list[str] = "all-linear"
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: str | list[str]
 
     def validate(self) -> None:
         _check(self.r >= 1, f"train.lora.r={self.r} must be >= 1")
@@ -103,18 +105,18 @@ class TrainParams:
     save_steps: int
     logging_steps: int
     lora: LoraParams
-    lr_scheduler_type: str = "constant_with_warmup"
-    warmup_steps: int = 0
-    temperature: float = 0.8
-    beta: float = 0.0
-    loss_type: str = "dapo"
-    mask_truncated_completions: bool = False
-    gradient_checkpointing: bool | str = "auto"
-    compile: bool | str = "auto"
-    keep_checkpoints: int = 4
-    num_processes: int = 1
-    accelerate_config: str = "configs/accelerate/ddp.yaml"
-    checkpoint_remote: str = ""
+    lr_scheduler_type: str
+    warmup_steps: int
+    temperature: float
+    beta: float
+    loss_type: str
+    mask_truncated_completions: bool
+    gradient_checkpointing: bool | str
+    compile: bool | str
+    keep_checkpoints: int
+    num_processes: int
+    accelerate_config: str
+    checkpoint_remote: str
 
     def validate(self) -> None:
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
@@ -146,7 +148,7 @@ class TrainParams:
 @dataclass(frozen=True)
 class SelectParams:
     step: int
-    smoothing_window: int = 8
+    smoothing_window: int
 
     def validate(self) -> None:
         _check(self.step >= 1, f"select.step={self.step} must be >= 1")
@@ -155,9 +157,9 @@ class SelectParams:
 
 @dataclass(frozen=True)
 class StatsParams:
-    alpha: float = 0.05
-    bootstrap_samples: int = 10000
-    power_target: float = 0.8
+    alpha: float
+    bootstrap_samples: int
+    power_target: float
 
     def validate(self) -> None:
         _check(0 < self.alpha < 1, f"stats.alpha={self.alpha} must be in (0, 1)")
@@ -167,7 +169,7 @@ class StatsParams:
 
 @dataclass(frozen=True)
 class ReportParams:
-    pdf: bool = True
+    pdf: bool
 
     def validate(self) -> None:
         pass
@@ -184,23 +186,40 @@ class Params:
     train: TrainParams
     select: SelectParams
     stats: StatsParams
-    report: ReportParams = field(default_factory=ReportParams)
+    report: ReportParams
 
     def validate(self) -> None:
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if hasattr(value, "validate"):
                 value.validate()
+        # Completions stop at max_completion_length tokens, so a higher gate could never let correctness pay.
+        _check(self.reward.min_tokens <= self.train.max_completion_length,
+               f"reward.min_tokens={self.reward.min_tokens} is above train.max_completion_length="
+               f"{self.train.max_completion_length}: no completion is long enough to earn the correctness reward; "
+               "lower reward.min_tokens or raise train.max_completion_length")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root or pass --params <file>")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(_yaml_problem(path, err)) from None
     params = _build(Params, raw, "")
     params.validate()
     return params
+
+
+def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
+    """'params.yaml:4:1: not valid YAML (...)': the place YAML gave up, 1-based as editors count."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = " ".join(filter(None, (getattr(err, "context", None), getattr(err, "problem", None)))) or str(err)
+    return (f"{where}: not valid YAML ({' '.join(problem.split())}); fix {path.name} at that line "
+            "(indent with spaces, close brackets and quotes)")
 
 
 def _build(cls, raw, prefix: str):
@@ -213,11 +232,9 @@ def _build(cls, raw, prefix: str):
         raise ParamsError(f"unknown param {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     values = {}
-    for name, f in fields.items():
+    for name in fields:
         if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ParamsError(f"missing param {prefix}{name}; add it to params.yaml")
-            continue
+            raise ParamsError(f"missing param {prefix}{name}; add it to params.yaml")
         values[name] = _convert(hints[name], raw[name], f"{prefix}{name}")
     try:
         return cls(**values)

@@ -1,8 +1,10 @@
 """The study's GRPO rewards for GSM8K, one function per reward so TRL logs each under its own name.
 
-The study: 5.0 for a correct final answer, but only if the completion is long enough (a penalty under 100 tokens,
-0.0 under 50), plus up to 1.5 for the answer format. Naive rewards (correctness without the length gate) let the
-policy collapse to short degenerate answers; the "naive" variant is kept to reproduce that.
+The study: `reward.correct_value` for a correct final answer, but only if the completion is long enough (less
+`reward.short_penalty` under `reward.full_tokens` tokens, 0.0 under `reward.min_tokens`), plus up to
+`reward.format_max` for the answer format; the numbers live in params.yaml only (no knob here has a default).
+Naive rewards (correctness without the length gate) let the policy collapse to short degenerate answers; the
+"naive" variant is kept to reproduce that.
 
 Every reward function takes TRL 1.16's keyword call, `f(prompts=, completions=, completion_ids=, answer=,
 trainer_state=, log_extra=, log_metric=, **other columns)`, and returns one float per completion. Knobs are bound
@@ -45,11 +47,11 @@ def correctness_score(
     gold: str,
     n_tokens: int,
     *,
-    correct_value: float = 5.0,
-    min_tokens: int = 50,
-    full_tokens: int = 100,
-    short_penalty: float = 2.5,
-    length_gated: bool = True,
+    correct_value: float,
+    min_tokens: int,
+    full_tokens: int,
+    short_penalty: float,
+    length_gated: bool,
 ) -> float:
     """Reward for one completion: full value if correct and long enough, less if short, 0 if too short or wrong."""
     if length_gated and n_tokens < min_tokens:
@@ -61,7 +63,7 @@ def correctness_score(
     return correct_value
 
 
-def format_score(text: str, *, format_max: float = 1.5) -> float:
+def format_score(text: str, *, format_max: float) -> float:
     """Answer-format reward for one completion, three equal parts of format_max / 3:
 
     (a) some line starts with "####";
@@ -86,14 +88,14 @@ def correctness_reward(
     answer: Sequence[str],
     completion_ids: Sequence[Sequence[int]],
     *,
-    correct_value: float = 5.0,
-    min_tokens: int = 50,
-    full_tokens: int = 100,
-    short_penalty: float = 2.5,
-    length_gated: bool = True,
+    correct_value: float,
+    min_tokens: int,
+    full_tokens: int,
+    short_penalty: float,
+    length_gated: bool,
     **_: Any,
 ) -> list[float]:
-    """Correct final answer, length-gated by len(completion_ids[i]) unless length_gated=False."""
+    """Correct final answer, length-gated by len(completion_ids[i]) when length_gated."""
     return [
         correctness_score(
             completion_text(completion),
@@ -109,19 +111,20 @@ def correctness_reward(
     ]
 
 
-def format_reward(completions: Sequence[Completion], *, format_max: float = 1.5, **_: Any) -> list[float]:
+def format_reward(completions: Sequence[Completion], *, format_max: float, **_: Any) -> list[float]:
     """Answer format (see format_score), independent of correctness."""
     return [format_score(completion_text(completion), format_max=format_max) for completion in completions]
 
 
 @dataclass(frozen=True)
 class RewardKnobs:
-    variant: str = "study"
-    correct_value: float = 5.0
-    min_tokens: int = 50
-    full_tokens: int = 100
-    short_penalty: float = 2.5
-    format_max: float = 1.5
+    """params.yaml's `reward` section (loaded by grpo_gsm8k.params, the only place its values are written)."""
+    variant: str
+    correct_value: float
+    min_tokens: int
+    full_tokens: int
+    short_penalty: float
+    format_max: float
 
     def __post_init__(self) -> None:
         problem = _knobs_problem(self)

@@ -1,8 +1,12 @@
 """params.yaml loads into frozen dataclasses; bad params fail with one line naming the param and the fix."""
 from __future__ import annotations
 
-import pytest
+import inspect
 
+import pytest
+import yaml
+
+from grpo_gsm8k import rewards
 from grpo_gsm8k.params import ParamsError, load_params
 from grpo_gsm8k.preset import apply_overrides, load_preset, set_param_args
 from tests.conftest import REPO, cpu_params_dict, write_params
@@ -40,6 +44,9 @@ def test_cpu_preset_loads(tmp_path):
     ({"stats.alpha": 1.5}, "stats.alpha=1.5 must be in (0, 1)"),
     ({"train.learning_rate": "fast"}, "train.learning_rate='fast' has the wrong type"),
     ({"train.compile": "yes"}, "train.compile='yes' must be true, false or auto"),
+    # the length gate above the longest completion: the correctness reward could never pay
+    ({"reward.min_tokens": 129, "reward.full_tokens": 129, "train.max_completion_length": 128},
+     "reward.min_tokens=129 is above train.max_completion_length=128"),
 ])
 def test_bad_values_name_the_param(tmp_path, overrides, message):
     path = write_params(tmp_path / "p.yaml", cpu_params_dict(**overrides))
@@ -61,6 +68,77 @@ def test_missing_key_is_named(tmp_path):
     del params["train"]["max_steps"]
     with pytest.raises(ParamsError, match=r"missing param train\.max_steps"):
         load_params(write_params(tmp_path / "p.yaml", params))
+
+
+def study_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of params.yaml; the names of the evaluation sets are the user's choice, their fields not."""
+    keys = []
+    for name, value in tree.items():
+        dotted = f"{prefix}{name}"
+        if dotted != "evaluation.sets" or not isinstance(value, dict):
+            keys.append(dotted)
+        if isinstance(value, dict):
+            nested = study_keys(value, dotted + ".")
+            keys += [key for key in nested if key.count(".") > 2] if dotted == "evaluation.sets" else nested
+    return keys
+
+
+STUDY_KEYS = study_keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+@pytest.mark.parametrize("dotted", STUDY_KEYS)
+def test_every_study_value_is_required(tmp_path, dotted):
+    """params.yaml is the one source of each study value: deleting a key is an error naming it, not a default."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    *parents, leaf = dotted.split(".")
+    section = params
+    for name in parents:
+        section = section[name]
+    del section[leaf]
+    with pytest.raises(ParamsError) as err:
+        load_params(write_params(tmp_path / "p.yaml", params))
+    assert str(err.value) == f"missing param {dotted}; add it to params.yaml"
+
+
+# reward functions whose knobs must come from params.yaml (reward section), never from a default of their own
+@pytest.mark.parametrize("func", [rewards.correctness_score, rewards.correctness_reward, rewards.format_score,
+                                  rewards.format_reward, rewards.RewardKnobs])
+def test_reward_knobs_have_no_defaults(func):
+    defaults = {name: p.default for name, p in inspect.signature(func).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults == {}
+
+
+# text of params.yaml, the 1-based line:column where the YAML breaks
+BAD_YAML = [
+    ("seed: 42\ntrain:\n  max_steps: [1, 2\n", "4:1"),  # unclosed list, seen at the end of the file
+    ("seed: 42\ndata:\n  source: a\n   hub_config: main\n", "4:14"),  # a mis-indented key
+    ("seed: 42\n\tdata: {}\n", "2:1"),  # a tab as indentation
+]
+
+
+@pytest.mark.parametrize("text, where", BAD_YAML)
+def test_invalid_yaml_is_one_line_naming_file_line_and_column(tmp_path, text, where):
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    with pytest.raises(ParamsError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{where}: not valid YAML (") and "fix" in message
+    assert "\n" not in message
+
+
+def test_stage_run_directly_on_invalid_yaml_prints_one_error_line(tmp_path, capsys):
+    from stages import select
+
+    (tmp_path / "p.yaml").write_text("seed: 42\ntrain:\n  max_steps: [1, 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        select.main(["--params", str(tmp_path / "p.yaml"), "--checkpoints", str(tmp_path / "c"), "--live",
+                     str(tmp_path / "l"), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "s.json")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert err.startswith(f"error: {tmp_path / 'p.yaml'}:4:1: not valid YAML") and err.count("\n") == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s.json").exists()
 
 
 def test_yaml_exponent_without_dot_reads_as_float(tmp_path):

@@ -1,12 +1,14 @@
 """Tests for grpo_gsm8k.rewards: length gates, format parts, variants, knob validation, TRL call contract."""
 
 import copy
+import dataclasses
 import inspect
 import pickle
 
 import pytest
 from trl.trainer.utils import get_callable_name
 
+from grpo_gsm8k.params import load_params
 from grpo_gsm8k.rewards import (
     VARIANTS,
     RewardKnobs,
@@ -17,6 +19,18 @@ from grpo_gsm8k.rewards import (
     reward_names,
     total_reward,
 )
+from tests.conftest import REPO
+
+STUDY = load_params(REPO / "params.yaml").reward  # the study's knobs, written only in params.yaml
+GATED = dict(correct_value=STUDY.correct_value, min_tokens=STUDY.min_tokens, full_tokens=STUDY.full_tokens,
+             short_penalty=STUDY.short_penalty, length_gated=True)
+UNGATED = {**GATED, "length_gated": False}
+PAID, SHORT = STUDY.correct_value, STUDY.correct_value - STUDY.short_penalty  # full and penalised correct reward
+
+
+def knobs(**overrides) -> RewardKnobs:
+    return dataclasses.replace(STUDY, **overrides)
+
 
 RIGHT = "9 * 2 = 18 dollars.\n#### 18"
 WRONG = "9 * 2 = 19 dollars.\n#### 19"
@@ -27,46 +41,47 @@ def _ids(n_tokens: int) -> list[int]:
     return [7] * n_tokens
 
 
-# completion, n_tokens, reward with the study's defaults (5.0, gate 50/100, penalty 2.5)
+# completion, n_tokens, reward with the study's knobs (params.yaml: reward)
 LENGTH_GATE_CASES = [
-    (RIGHT, 49, 0.0),  # correct but under min_tokens: nothing
-    (RIGHT, 50, 2.5),  # correct at min_tokens: penalised
-    (RIGHT, 99, 2.5),  # correct just under full_tokens: penalised
-    (RIGHT, 100, 5.0),  # correct at full_tokens: full value
-    (RIGHT, 400, 5.0),  # correct and long: full value
-    (WRONG, 49, 0.0),  # wrong and short
-    (WRONG, 50, 0.0),  # wrong at min_tokens
-    (WRONG, 99, 0.0),  # wrong in the penalty band
-    (WRONG, 100, 0.0),  # wrong at full_tokens
+    (RIGHT, STUDY.min_tokens - 1, 0.0),  # correct but under min_tokens: nothing
+    (RIGHT, STUDY.min_tokens, SHORT),  # correct at min_tokens: penalised
+    (RIGHT, STUDY.full_tokens - 1, SHORT),  # correct just under full_tokens: penalised
+    (RIGHT, STUDY.full_tokens, PAID),  # correct at full_tokens: full value
+    (RIGHT, 4 * STUDY.full_tokens, PAID),  # correct and long: full value
+    (WRONG, STUDY.min_tokens - 1, 0.0),  # wrong and short
+    (WRONG, STUDY.min_tokens, 0.0),  # wrong at min_tokens
+    (WRONG, STUDY.full_tokens - 1, 0.0),  # wrong in the penalty band
+    (WRONG, STUDY.full_tokens, 0.0),  # wrong at full_tokens
 ]
 
 
 @pytest.mark.parametrize(("completion", "n_tokens", "expected"), LENGTH_GATE_CASES)
 def test_correctness_length_gates(completion, n_tokens, expected):
-    assert correctness_reward([completion], [GOLD], [_ids(n_tokens)]) == [expected]
+    assert correctness_reward([completion], [GOLD], [_ids(n_tokens)], **GATED) == [expected]
 
 
 # completion, n_tokens, reward with length_gated=False
 UNGATED_CASES = [
-    (RIGHT, 1, 5.0),  # correct and tiny: full value anyway
-    (RIGHT, 75, 5.0),  # correct in the would-be penalty band
+    (RIGHT, 1, PAID),  # correct and tiny: full value anyway
+    (RIGHT, STUDY.min_tokens, PAID),  # correct in the would-be penalty band
     (WRONG, 400, 0.0),  # wrong stays zero
 ]
 
 
 @pytest.mark.parametrize(("completion", "n_tokens", "expected"), UNGATED_CASES)
 def test_correctness_ungated(completion, n_tokens, expected):
-    assert correctness_reward([completion], [GOLD], [_ids(n_tokens)], length_gated=False) == [expected]
+    assert correctness_reward([completion], [GOLD], [_ids(n_tokens)], **UNGATED) == [expected]
 
 
 def test_correctness_knobs_are_honoured():
-    knobs = dict(correct_value=2.0, min_tokens=10, full_tokens=20, short_penalty=0.5)
-    rewards = correctness_reward([RIGHT] * 3, [GOLD] * 3, [_ids(9), _ids(10), _ids(20)], **knobs)
+    own = dict(correct_value=2.0, min_tokens=10, full_tokens=20, short_penalty=0.5, length_gated=True)
+    rewards = correctness_reward([RIGHT] * 3, [GOLD] * 3, [_ids(9), _ids(10), _ids(20)], **own)
     assert rewards == [0.0, 1.5, 2.0]
 
 
 def test_correctness_accepts_full_gsm8k_answer_as_gold():
-    assert correctness_reward([RIGHT], ["She makes 9 * 2 = <<9*2=18>>18.\n#### 18"], [_ids(100)]) == [5.0]
+    gold = "She makes 9 * 2 = <<9*2=18>>18.\n#### 18"
+    assert correctness_reward([RIGHT], [gold], [_ids(STUDY.full_tokens)], **GATED) == [PAID]
 
 
 # completion, format parts earned out of 3 (each worth format_max / 3)
@@ -87,7 +102,7 @@ FORMAT_CASES = [
 
 @pytest.mark.parametrize(("completion", "parts"), FORMAT_CASES)
 def test_format_parts(completion, parts):
-    assert format_reward([completion]) == [pytest.approx(1.5 * parts / 3)]
+    assert format_reward([completion], format_max=STUDY.format_max) == [pytest.approx(STUDY.format_max * parts / 3)]
 
 
 def test_format_max_scales_parts():
@@ -111,35 +126,36 @@ def test_completion_text(completion, text):
 
 def test_conversational_and_plain_completions_score_the_same():
     conversational = [{"role": "assistant", "content": RIGHT}]
-    plain_rewards = [f([RIGHT], answer=[GOLD], completion_ids=[_ids(100)]) for f in build_reward_funcs(RewardKnobs())]
-    chat_rewards = [
-        f([conversational], answer=[GOLD], completion_ids=[_ids(100)]) for f in build_reward_funcs(RewardKnobs())
-    ]
-    assert plain_rewards == chat_rewards == [[5.0], [pytest.approx(1.5)]]
+    ids = [_ids(STUDY.full_tokens)]
+    plain_rewards = [f([RIGHT], answer=[GOLD], completion_ids=ids) for f in build_reward_funcs(STUDY)]
+    chat_rewards = [f([conversational], answer=[GOLD], completion_ids=ids) for f in build_reward_funcs(STUDY)]
+    assert plain_rewards == chat_rewards == [[PAID], [pytest.approx(STUDY.format_max)]]
 
 
 # knob overrides, words the one-line error must contain
 BAD_KNOBS = [
-    (dict(min_tokens=120), "reward.min_tokens=120 must not be above reward.full_tokens=100"),  # gate inverted
+    (dict(min_tokens=STUDY.full_tokens + 1), f"reward.min_tokens={STUDY.full_tokens + 1} must not be above "
+     f"reward.full_tokens={STUDY.full_tokens}"),  # gate inverted
     (dict(variant="foo"), "reward.variant='foo' is unknown; choose one of: correctness_only, naive, study"),  # typo
     (dict(min_tokens=-1), "reward.min_tokens=-1"),  # negative token count
     (dict(full_tokens=99.5), "reward.full_tokens=99.5"),  # token counts are integers
     (dict(correct_value=float("nan")), "reward.correct_value=nan"),  # NaN would poison advantages
     (dict(format_max=-1.0), "reward.format_max=-1.0"),  # negative format reward
-    (dict(short_penalty=6.0), "reward.short_penalty=6.0 must not exceed reward.correct_value=5.0"),  # short < wrong
+    (dict(short_penalty=PAID + 1), f"reward.short_penalty={PAID + 1} must not exceed "
+     f"reward.correct_value={PAID}"),  # a short correct answer would score below a wrong one
 ]
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_KNOBS)
 def test_knob_validation(overrides, message):
     with pytest.raises(ValueError) as error:
-        RewardKnobs(**overrides)
+        knobs(**overrides)
     assert message in str(error.value)
     assert "\n" not in str(error.value)  # one line
 
 
 def test_equal_gates_are_allowed():
-    assert RewardKnobs(min_tokens=100, full_tokens=100).min_tokens == 100  # empty penalty band, no error
+    assert knobs(min_tokens=STUDY.full_tokens).min_tokens == STUDY.full_tokens  # empty penalty band, no error
 
 
 # variant, names TRL will log
@@ -152,9 +168,9 @@ VARIANT_NAMES = [
 
 @pytest.mark.parametrize(("variant", "names"), VARIANT_NAMES)
 def test_variant_names(variant, names):
-    funcs = build_reward_funcs(RewardKnobs(variant=variant))
+    funcs = build_reward_funcs(knobs(variant=variant))
     assert [get_callable_name(f) for f in funcs] == names  # how TRL names them
-    assert reward_names(RewardKnobs(variant=variant)) == names
+    assert reward_names(knobs(variant=variant)) == names
 
 
 def test_variant_table_is_covered():
@@ -163,7 +179,7 @@ def test_variant_table_is_covered():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_has_distinct_names_and_pickles(variant):
-    funcs = build_reward_funcs(RewardKnobs(variant=variant, correct_value=4.0))
+    funcs = build_reward_funcs(knobs(variant=variant, correct_value=PAID + 1))
     names = [f.__name__ for f in funcs]
     assert len(set(names)) == len(names)
     for func in funcs:
@@ -176,17 +192,17 @@ def test_every_variant_has_distinct_names_and_pickles(variant):
 
 # variant, n_tokens of RIGHT, total reward
 TOTAL_CASES = [
-    ("study", 100, 6.5),  # 5.0 correct + 1.5 format
-    ("study", 60, 4.0),  # 2.5 penalised + 1.5 format
-    ("study", 10, 1.5),  # too short: format only
-    ("naive", 10, 6.5),  # no gate: the short answer pays in full
-    ("correctness_only", 10, 5.0),  # no gate, no format
+    ("study", STUDY.full_tokens, PAID + STUDY.format_max),  # correct + full format
+    ("study", STUDY.min_tokens, SHORT + STUDY.format_max),  # penalised + full format
+    ("study", STUDY.min_tokens - 1, STUDY.format_max),  # too short: format only
+    ("naive", STUDY.min_tokens - 1, PAID + STUDY.format_max),  # no gate: the short answer pays in full
+    ("correctness_only", STUDY.min_tokens - 1, PAID),  # no gate, no format
 ]
 
 
 @pytest.mark.parametrize(("variant", "n_tokens", "expected"), TOTAL_CASES)
 def test_total_reward(variant, n_tokens, expected):
-    assert total_reward(RIGHT, GOLD, n_tokens, RewardKnobs(variant=variant)) == pytest.approx(expected)
+    assert total_reward(RIGHT, GOLD, n_tokens, knobs(variant=variant)) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -195,14 +211,14 @@ def test_trl_call_contract(variant):
     batch = dict(
         prompts=[[{"role": "user", "content": "q"}]] * 2,
         completions=[[{"role": "assistant", "content": RIGHT}], [{"role": "assistant", "content": WRONG}]],
-        completion_ids=[_ids(120), _ids(120)],
+        completion_ids=[_ids(STUDY.full_tokens), _ids(STUDY.full_tokens)],
         answer=[GOLD, GOLD],
         question=["q", "q"],
         trainer_state=None,
         log_extra=None,
         log_metric=None,
     )
-    for func in build_reward_funcs(RewardKnobs(variant=variant)):
+    for func in build_reward_funcs(knobs(variant=variant)):
         assert not inspect.iscoroutinefunction(func.func)  # TRL would await it otherwise
         rewards = func(**batch)
         assert len(rewards) == 2 and all(isinstance(r, float) for r in rewards)
