@@ -194,7 +194,8 @@ class Params:
             if hasattr(value, "validate"):
                 value.validate()
         # Completions stop at max_completion_length tokens, so a higher gate could never let correctness pay.
-        _check(self.reward.min_tokens <= self.train.max_completion_length,
+        # Only the study variant gates on length (naive, correctness_only and import-path variants do not).
+        _check(self.reward.variant != "study" or self.reward.min_tokens <= self.train.max_completion_length,
                f"reward.min_tokens={self.reward.min_tokens} is above train.max_completion_length="
                f"{self.train.max_completion_length}: no completion is long enough to earn the correctness reward; "
                "lower reward.min_tokens or raise train.max_completion_length")
