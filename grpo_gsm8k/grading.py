@@ -5,6 +5,13 @@ contract (the system prompt asks for a final `#### N` line), ranks markers `####
 > last number, reports *which* marker it used and whether a reader could disagree, and runs in tens of
 microseconds, so it is safe on every completion during training.
 
+A marker's whole statement is read (its line, up to the end of the sentence), not just its leading number: one
+number or one arithmetic expression is evaluated ("5 + 7" -> 12; "0.5 hours = 30 minutes" -> the value after the
+last "=", 30; "1 1/2", "1.2e3", "1 000 000", "$1,000"). Arithmetic is + - * / and parentheses, parsed by `ast`
+and walked with a whitelist, never eval'd. A statement holding values that disagree ("3, 4", "10-15", "not 5 but
+6") has no answer: value None, flagged, so neither the reward nor evaluation pays it. A final answer that a later,
+lower-ranked marker contradicts ("#### 72" then "so the answer is 70") keeps its value and is flagged.
+
 Audit grader: math-verify (`math_verify_correct`). It is a strong general LaTeX/expression parser but does not
 know about `####` (in "#### 72\\nChecked in 3 steps." it picks 3; an earlier "the answer is 70" beats a final
 "#### 72"), and costs ~1 ms per completion (tens of ms on a cold LaTeX path). So it only cross-checks:
@@ -14,10 +21,14 @@ hacking hide. The reward calls `is_correct` (primary only); evaluation calls `gr
 
 from __future__ import annotations
 
+import ast
+import functools
 import logging
+import operator
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import NamedTuple
 
 ANSWER_TOLERANCE = Decimal("1e-6")
 # math-verify runs without its signal-based timeout (see math_verify_correct); the answer sits at the end, so
@@ -39,13 +50,31 @@ _BRACE = re.compile(r"[{}]")
 # The rest of the line is read in a look-ahead so "the answer is 5, no, the answer is 6" yields both markers;
 # capped at 200 characters so a degenerate "answer is answer is ..." line stays linear.
 _ANSWER_IS = re.compile(r"\banswer\b[*_]*\s*(?:is\b|[:=])[ \t*_:]*(?=([^\n]{0,200}))", re.IGNORECASE)
-# An expression keeps going after the first number ("5 + 7 = 12"): then the value is the one after the last "=".
-_EXPRESSION_CONTINUES = re.compile(r"\s*[-+*/×÷x^]\s*[\d(]")
+# A token of a marker's statement. Numbers as written on an answer line: scientific ("1.2e3", exponent of at most
+# two digits so no million-digit string), mixed ("1 1/2"), thousands by commas or spaces ("1,000", "1 000 000").
+_LINE_TOKEN = re.compile(
+    r"(?<![.\d])\$?(?:(?P<sci>\d+(?:\.\d+)?[eE][-+]?\d{1,2})(?!\w)"
+    r"|(?P<whole>\d+)[ \t](?P<numer>\d+)/(?P<den>\d+)(?![\d/])"
+    r"|(?P<plain>\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d{1,3}(?:[ \xa0\u2009\u202f]\d{3})+(?![-\d/])(?:\.\d+)?"
+    r"|\d+(?:\.\d+)?|\.\d+))"
+    r"|(?P<op>[-+*/×÷−])|(?P<open>\()|(?P<close>\))|(?P<word>[^\W\d_]+)|(?P<other>\S)"
+)
+_GROUP_SEPARATORS = str.maketrans("", "", ", \xa0\u2009\u202f")
+_OPERATORS = {"-": "-", "−": "-", "+": "+", "*": "*", "×": "*", "x": "*", "X": "*", "/": "/", "÷": "/"}
+_AST_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_MAX_MAGNITUDE = 100  # powers of ten: bigger values are no GSM8K answer, and would print as huge strings
+_STATEMENT_END = re.compile(r"[.!?](?!\d)")  # "3.5" and "$1,000.00" do not end a sentence
+_HASH_ANSWER_START = re.compile(r"[-−+]?\s*\(?\s*\$?\.?\d")  # "#### Step 2" is a heading, not an answer
+MAX_STATEMENT_CHARS = 200
+_DIGIT = re.compile(r"\d")
+_SIMPLE_STATEMENT = re.compile(r"[ \t*_:#]*(-?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)[*_]*\.?[ \t]*")
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 _MARKER_PADDING = " \t*_:#"
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
-_LATEX_REPLACEMENTS = (("{,}", ","), ("\\$", "$"), ("\\%", "%"), ("\\,", ""), ("\\!", ""))
+_LATEX_REPLACEMENTS = (("{,}", ","), ("\\$", "$"), ("\\%", "%"), ("\\,", ""), ("\\!", ""), ("\\times", "*"),
+                       ("\\cdot", "*"), ("\\div", "/"))
+_MARKER_NAMES = {"hash": "####", "boxed": "\\boxed", "answer_is": "'the answer is'"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +94,12 @@ class Grade:
     reason: str
     mv_correct: bool  # math-verify's verdict
     graders_agree: bool  # correct == mv_correct
+
+
+class _Marker(NamedTuple):  # a NamedTuple: built for every marker of every completion, and cheaper than a dataclass
+    kind: str  # "hash", "boxed" or "answer_is"
+    position: int  # where it starts in the cleaned completion
+    values: tuple[str, ...]  # distinct canonical values its statement holds, in reading order (none: ignored)
 
 
 def _clean_latex(text: str) -> str:
@@ -128,22 +163,119 @@ def normalize_gold(gold: str | int | float) -> str:
     return value
 
 
-def _number_after_marker(rest: str, *, must_start_with_number: bool) -> str | None:
-    """Value stated after a marker: the leading number, or the one after the last "=" of an expression."""
-    stripped = rest.lstrip(_MARKER_PADDING)
-    leading = _NUMBER.match(stripped)
-    if leading and not _EXPRESSION_CONTINUES.match(stripped, leading.end()):
-        return _match_to_canonical(leading)
-    if must_start_with_number and not leading:
-        return None  # "#### Step 2: ..." is a markdown heading, not an answer
-    if "=" in stripped:
-        stripped = stripped.rsplit("=", 1)[1]
-    found = _NUMBER.search(stripped)
-    return _match_to_canonical(found) if found else None
+def _token_value(match: re.Match) -> Decimal | None:
+    """The number a `_LINE_TOKEN` number match spells; None for "1 1/0"."""
+    if match["sci"]:
+        return Decimal(match["sci"])
+    if match["whole"]:
+        if int(match["den"]) == 0:
+            return None
+        return Decimal(match["whole"]) + Decimal(match["numer"]) / Decimal(match["den"])
+    return Decimal(match["plain"].translate(_GROUP_SEPARATORS))
 
 
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of every closed \\boxed{...}, nested braces balanced (\\boxed{\\frac{1}{2}}); one linear pass."""
+@functools.lru_cache(maxsize=1024)
+def _parse_shape(shape: str) -> ast.expr | None:
+    """The tree of an expression shape such as "n0 + n1 * ( n2 )" (numbers are names), or None if malformed."""
+    try:
+        return ast.parse(shape, mode="eval").body
+    except (SyntaxError, RecursionError, MemoryError):
+        return None
+
+
+def _evaluate(node: ast.expr, numbers: list[Decimal]) -> Decimal:
+    """Walk the tree with a whitelist: our number names, unary +/-, and + - * /; anything else raises."""
+    if isinstance(node, ast.Name):
+        return numbers[int(node.id[1:])]
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand, numbers)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPERATORS:
+        return _AST_OPERATORS[type(node.op)](_evaluate(node.left, numbers), _evaluate(node.right, numbers))
+    raise ValueError(f"not arithmetic: {type(node).__name__}")
+
+
+def _expression_values(tokens: list[tuple[str, object]]) -> list[Decimal]:
+    """Values of one run of number/operator/parenthesis tokens: one if it is arithmetic, else each number alone."""
+    while tokens and (tokens[0][0] == "close" or tokens[0][1] in ("*", "/")):
+        tokens = tokens[1:]  # a dangling ")" or binary operator at the start
+    while tokens and tokens[-1][0] in ("op", "open"):
+        tokens = tokens[:-1]
+    numbers = [value for kind, value in tokens if kind == "number"]
+    if len(tokens) <= 2 and len(numbers) == 1:  # fast path: "72" or "-5"
+        return [-numbers[0] if tokens[0][1] == "-" else numbers[0]]
+    opens, closes = sum(kind == "open" for kind, _ in tokens), sum(kind == "close" for kind, _ in tokens)
+    if opens != closes:
+        tokens = [token for token in tokens if token[0] not in ("open", "close")]  # "(9" is 9
+    names = iter(range(len(numbers)))
+    shape = " ".join(f"n{next(names)}" if kind == "number" else str(value) for kind, value in tokens)
+    tree = _parse_shape(shape) if numbers else None
+    try:
+        return [_evaluate(tree, numbers)] if tree is not None else numbers
+    except ArithmeticError:  # "1/0" has no value
+        return []
+    except (ValueError, RecursionError):
+        return numbers
+
+
+def _line_tokens(text: str) -> list[tuple[str, object]]:
+    """(kind, value) tokens; a "-" between two digits ("10-15"), a word and any other sign are "break"s."""
+    tokens = []
+    for match in _LINE_TOKEN.finditer(text[:MAX_STATEMENT_CHARS]):
+        kind = match.lastgroup
+        if kind in ("sci", "whole", "numer", "den", "plain"):
+            value = _token_value(match)
+            tokens.append(("break", None) if value is None else ("number", value))
+        elif kind == "op":
+            before, after = text[match.start() - 1 : match.start()], text[match.end() : match.end() + 1]
+            is_range = match[0] == "-" and before.isdigit() and after.isdigit()
+            tokens.append(("break", None) if is_range else ("op", _OPERATORS[match[0]]))
+        elif kind in ("open", "close"):
+            tokens.append((kind, match[0]))
+        elif kind == "word" and match[0] in _OPERATORS:
+            tokens.append(("op?", "*"))  # "3 x 4": an operator only between two operands
+        else:
+            tokens.append(("break", None))
+    return tokens
+
+
+def _statement_values(statement: str) -> tuple[str, ...]:
+    """Distinct canonical values a marker's statement holds; one value when it is one number or expression."""
+    if simple := _SIMPLE_STATEMENT.fullmatch(statement):  # fast path: "72", "$1,000.", "**-3.5**"
+        return (_format_decimal(Decimal(simple[1] + simple[2].replace(",", ""))),)
+    statement = statement.replace("**", " ").replace("__", " ").lstrip(_MARKER_PADDING)
+    if (digit := _DIGIT.search(statement)) is None:
+        return ()
+    if (end := _STATEMENT_END.search(statement, digit.end())) is not None:
+        statement = statement[: end.start()]
+    for part in reversed(statement.split("=")):  # "0.5 hours = 30 minutes": the value after the last "="
+        values = _part_values(_line_tokens(part))
+        if values:
+            return values
+    return ()
+
+
+def _part_values(tokens: list[tuple[str, object]]) -> tuple[str, ...]:
+    """Split the tokens into expressions at breaks and where two operands meet ("72 (8)"), then evaluate each."""
+    values, run = [], []
+    for index, (kind, value) in enumerate(tokens):
+        operand_before = bool(run) and run[-1][0] in ("number", "close")
+        if kind == "op?":
+            operand_after = index + 1 < len(tokens) and tokens[index + 1][0] in ("number", "open")
+            kind = "op" if operand_before and operand_after else "break"
+        starts_operand = kind in ("number", "open")
+        if kind == "break" or (starts_operand and operand_before):  # "3, 4" or "72 (8 per week)": a new value
+            values += _expression_values(run)
+            run = []
+        if kind != "break":
+            run.append((kind, value))
+    values += _expression_values(run)
+    canonical = (_format_decimal(value) for value in values if abs(value.adjusted()) <= _MAX_MAGNITUDE)
+    return tuple(dict.fromkeys(canonical))
+
+
+def _boxed_contents(text: str) -> list[tuple[int, str]]:
+    """(start, contents) of every closed \\boxed{...}, nested braces balanced (\\boxed{\\frac{1}{2}}); one pass."""
     box_starts = {opening.end() - 1 for opening in _BOXED_OPEN.finditer(text)}
     open_braces, contents = [], []
     for brace in _BRACE.finditer(text):
@@ -155,19 +287,50 @@ def _boxed_contents(text: str) -> list[str]:
             # A box holding hundreds of characters is not a final answer; skipping it keeps nesting linear.
             if start in box_starts and position - start <= MAX_BOX_CHARS:
                 contents.append((start, text[start + 1 : position]))
-    return [content for _, content in sorted(contents)]  # reading order; closing order puts inner boxes first
+    return sorted(contents)  # reading order; closing order puts inner boxes first
 
 
-def _from_markers(values: list[str | None], method: str, marker_name: str) -> Extraction | None:
-    """Last marker with a number wins; markers that disagree make the answer ambiguous."""
-    found = [value for value in values if value is not None]
-    if not found:
-        return None
-    distinct = list(dict.fromkeys(found))
-    if len(distinct) > 1:
-        reason = f"{len(found)} {marker_name} markers give different values: {', '.join(distinct)}"
-        return Extraction(found[-1], method, True, reason)
-    return Extraction(found[-1], method, False, "")
+def _find_markers(kind: str, text: str, after: int) -> list[_Marker]:
+    """Markers of one kind starting after `after` that state a value, in reading order."""
+    if kind == "hash":
+        found = [(m.start(), m[1]) for m in _HASH_MARKER.finditer(text, after)
+                 if _HASH_ANSWER_START.match(m[1].lstrip(_MARKER_PADDING))]
+    elif kind == "boxed":
+        found = [box for box in _boxed_contents(text) if box[0] > after] if "boxed" in text or "fbox" in text else []
+    else:
+        found = [(m.start(), m[1]) for m in _ANSWER_IS.finditer(text, after)]
+    markers = (_Marker(kind, position, _statement_values(statement)) for position, statement in found)
+    return [marker for marker in markers if marker.values]
+
+
+def _markers(text: str) -> list[_Marker]:
+    """Markers by rank; once a kind is found, lower kinds are read only after its last marker (only a later
+    statement can contradict the final answer), which also keeps the common "#### N" completion fast."""
+    markers, after = [], 0
+    for kind in _MARKER_NAMES:
+        found = _find_markers(kind, text, after)
+        if found and not markers:
+            after = found[-1].position
+        markers += found
+    return markers
+
+
+def _from_markers(same: list[_Marker], lower: list[_Marker]) -> Extraction:
+    """The last marker of the top-ranked kind wins; flagged when it, an earlier one or a later lower one disagrees."""
+    kind, last = same[-1].kind, same[-1]
+    name = _MARKER_NAMES[kind]
+    if len(last.values) > 1:
+        return Extraction(None, kind, True, f"the {name} statement holds different values: {', '.join(last.values)}")
+    value = last.values[0]
+    if any(v != value for marker in same[:-1] for v in marker.values):
+        stated = dict.fromkeys(v for marker in same for v in marker.values)
+        return Extraction(value, kind, True, f"{len(same)} {name} markers give different values: {', '.join(stated)}")
+    for later in lower:
+        if later.position > last.position and later.values != (value,):
+            said = ", ".join(later.values)
+            reason = f"final answer {value} ({name}) is contradicted later: {_MARKER_NAMES[later.kind]} gives {said}"
+            return Extraction(value, kind, True, reason)
+    return Extraction(value, kind, False, "")
 
 
 def _from_last_number(text: str) -> Extraction:
@@ -188,24 +351,11 @@ def _from_last_number(text: str) -> Extraction:
 def extract_answer(completion: str) -> Extraction:
     """The completion's final answer by precedence: last `#### N` > last \\boxed{} > "the answer is N" > last number."""
     text = _clean_latex(completion)
-    if "####" in text:
-        hash_values = [
-            _number_after_marker(m[1], must_start_with_number=True) for m in _HASH_MARKER.finditer(text)
-        ]
-        if (result := _from_markers(hash_values, "hash", "####")) is not None:
-            return result
-    if "boxed" in completion or "fbox" in completion:
-        # Boxes are read on the raw text: cleaning turned \frac{a}{b} into a/b, which the box parser handles too.
-        box_values = [
-            _number_after_marker(_clean_latex(content), must_start_with_number=False)
-            for content in _boxed_contents(completion)
-        ]
-        if (result := _from_markers(box_values, "boxed", "\\boxed")) is not None:
-            return result
-    answer_values = [_number_after_marker(m[1], must_start_with_number=False) for m in _ANSWER_IS.finditer(text)]
-    if (result := _from_markers(answer_values, "answer_is", "'the answer is'")) is not None:
-        return result
-    return _from_last_number(text)
+    markers = _markers(text)
+    if not markers:
+        return _from_last_number(text)
+    kind = markers[0].kind  # the top-ranked kind found; the others are lower and later
+    return _from_markers([m for m in markers if m.kind == kind], [m for m in markers if m.kind != kind])
 
 
 def answers_match(extracted: str | None, gold: str) -> bool:

@@ -66,6 +66,51 @@ EXTRACTION_CASES = [
     ("no number here", None, "none", False),  # nothing to extract
     ("", None, "none", False),  # empty completion
     ("#### twelve", None, "none", False),  # marker without a number and no digits anywhere
+    # Issue 12: the whole marker line is read (up to the end of its sentence), not just its leading number.
+    ("#### 3, 4", None, "hash", True),  # two values: no answer, flagged
+    ("#### 10-15", None, "hash", True),  # a range states two values
+    ("#### 5 + 7", "12", "hash", False),  # an expression is evaluated
+    ("#### 0.5 hours = 30 minutes", "30", "hash", False),  # the value after the last "="
+    ("#### 1 1/2", "1.5", "hash", False),  # mixed number
+    ("#### 1.2e3", "1200", "hash", False),  # scientific notation
+    ("The answer: 1 000 000", "1000000", "answer_is", False),  # space-grouped thousands
+    ("The answer is not 5 but 6.", None, "answer_is", True),  # two values in one statement
+    ("#### 72\nSo the answer is 70.", "72", "hash", True),  # final answer contradicted later: flagged
+    # Our own cases for the line rule. Rows marked "guard" already pass on the leading-number grader: they keep
+    # the whole-line reading from breaking what worked (a naive "value after the last '='" would read 9 below).
+    ("#### $15", "15", "hash", False),  # guard: currency sign still dropped
+    ("#### 1,000", "1000", "hash", False),  # guard: thousands commas still one number
+    ("#### 1 000", "1000", "hash", False),  # one space-grouped thousands group
+    ("#### 72 clips", "72", "hash", False),  # guard: a unit word is not a second value
+    ("#### 3 cups * 2 = 6 cups", "6", "hash", False),  # units around an expression
+    ("#### 5 apples + 7 apples", None, "hash", True),  # a word splits an expression: flagged, not guessed
+    ("#### (5 + 7) * 2", "24", "hash", False),  # parentheses and precedence
+    ("#### 12 - 2", "10", "hash", False),  # a spaced hyphen is a minus
+    ("#### 3 x 4", "12", "hash", False),  # "x" between numbers multiplies
+    ("#### 3 × 4 ÷ 2", "6", "hash", False),  # unicode times and divide
+    ("#### **5 + 7 = 12**", "12", "hash", False),  # guard: bold around an expression
+    ("#### 5 + 7 =", "12", "hash", False),  # nothing after the last "=": the expression before it
+    ("#### 72 (72 clips)", "72", "hash", False),  # guard: an aside that agrees
+    ("#### 72 (8 per week)", None, "hash", True),  # an aside with another value
+    ("#### 10–15", None, "hash", True),  # en-dash range
+    ("#### 72 or 73", None, "hash", True),  # two alternatives
+    ("#### 2^3", None, "hash", True),  # powers are not evaluated: two values
+    ("#### 1e999999", None, "hash", True),  # a huge exponent is not a number (no million-digit string)
+    ("#### 3 100-meter races", None, "hash", True),  # "3 100-" is no thousands group: two values
+    ("#### 1/0", None, "none", False),  # guard: division by zero is no value, and does not raise
+    ("#### 3, 4\n#### 4", "4", "hash", True),  # guard: last marker wins; the ambiguous earlier one disagrees
+    ("#### 4\n#### 3, 4", None, "hash", True),  # the last marker's line is ambiguous
+    ("#### 72\nSo the answer is 72.", "72", "hash", False),  # guard: a later statement that agrees
+    ("#### 72\n\\boxed{70}", "72", "hash", True),  # a later box that disagrees
+    ("\\boxed{72}\nSo the answer is 70.", "72", "boxed", True),  # box contradicted later
+    ("\\boxed{3, 4}", None, "boxed", True),  # two values in a box
+    ("\\boxed{5 \\times 7}", "35", "boxed", False),  # LaTeX times
+    ("The answer is 12. She started with 3.", "12", "answer_is", False),  # guard: the statement ends at its sentence
+    ("The answer is $18. She sells 16 - 3 - 4 = 9 eggs.", "18", "answer_is", False),  # guard: later work is not read
+    ("The answer is 1 1/2 cups.", "1.5", "answer_is", False),  # mixed number after "answer is"
+    ("Answer: 2.5e-1", "0.25", "answer_is", False),  # negative exponent
+    ("The answer is 5, no, 6", None, "answer_is", True),  # a correction inside one statement
+    ("The answer is 5 (five).", "5", "answer_is", False),  # guard: words in parentheses are not a value
 ]
 
 
@@ -74,6 +119,44 @@ def test_extract_answer(completion, value, method, ambiguous):
     extraction = extract_answer(completion)
     assert (extraction.value, extraction.method, extraction.ambiguous) == (value, method, ambiguous)
     assert bool(extraction.reason) == ambiguous  # a reason exactly when ambiguous
+
+
+# completion, gold, correct: what the reward and evaluation pay (issue 12's table, then regressions)
+CORRECTNESS_CASES = [
+    ("#### 3, 4", "3", False),  # an ambiguous line is not paid, whichever value is gold
+    ("#### 3, 4", "4", False),  # ... the other value neither
+    ("#### 10-15", "10", False),  # a range is not paid
+    ("#### 5 + 7", "12", True),  # expression evaluated
+    ("#### 0.5 hours = 30 minutes", "30", True),  # value after the last "="
+    ("#### 1 1/2", "1.5", True),  # mixed number
+    ("#### 1.2e3", "1200", True),  # scientific notation
+    ("The answer: 1 000 000", "1000000", True),  # space-grouped thousands
+    ("The answer is not 5 but 6.", "6", False),  # two values: not paid
+    ("#### 72\nso the answer is 70", "72", True),  # #### still wins (flagged, see the extraction table)
+    ("$15", "15", True),  # regression: currency
+    ("#### 1,000", "1000", True),  # regression: thousands commas
+    ("#### 5 + 7", "5", False),  # the leading number is no longer read
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "correct"), CORRECTNESS_CASES)
+def test_is_correct_reads_the_whole_line(completion, gold, correct):
+    assert is_correct(completion, gold) is correct
+    result = grade(completion, gold)  # evaluation's verdict is the reward's verdict
+    assert result.correct is correct
+
+
+# completion, words the ambiguity reason must contain
+REASON_CASES = [
+    ("#### 3, 4", "3, 4"),  # the values that disagree are named
+    ("The answer is not 5 but 6.", "5, 6"),
+    ("#### 72\nSo the answer is 70.", "70"),  # the contradicting value is named
+]
+
+
+@pytest.mark.parametrize(("completion", "words"), REASON_CASES)
+def test_ambiguity_reason_names_the_values(completion, words):
+    assert words in extract_answer(completion).reason
 
 
 # text, canonical number
