@@ -73,6 +73,22 @@ def test_correctness_ungated(completion, n_tokens, expected):
     assert correctness_reward([completion], [GOLD], [_ids(n_tokens)], **UNGATED) == [expected]
 
 
+# completion, gold, reward at full_tokens: the reward pays exactly what the grader calls correct (issue 12)
+GRADED_LINE_CASES = [
+    ("Work.\n#### 3, 4", "3", 0.0),  # two values on the answer line: not paid
+    ("Work.\n#### 10-15", "10", 0.0),  # a range: not paid
+    ("Work.\n#### 5 + 7", "12", PAID),  # expression evaluated
+    ("Work.\n#### 0.5 hours = 30 minutes", "30", PAID),  # value after the last "="
+    ("Work.\nThe answer is not 5 but 6.", "6", 0.0),  # two values in the statement: not paid
+    ("Work.\n#### $15", "15", PAID),  # guard (passes on the old grader too): currency sign
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), GRADED_LINE_CASES)
+def test_correctness_reads_the_whole_answer_line(completion, gold, expected):
+    assert correctness_reward([completion], [gold], [_ids(STUDY.full_tokens)], **GATED) == [expected]
+
+
 def test_correctness_knobs_are_honoured():
     own = dict(correct_value=2.0, min_tokens=10, full_tokens=20, short_penalty=0.5, length_gated=True)
     rewards = correctness_reward([RIGHT] * 3, [GOLD] * 3, [_ids(9), _ids(10), _ids(20)], **own)
