@@ -1,5 +1,5 @@
 """The train stage under `accelerate launch` with 2 CPU processes (gloo): same optimizer-step shape, checkpoints
-written once, and every process resumes from the same checkpoint."""
+written once, the adapter trained, and every process resumes from the same checkpoint to the same weights."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_resume import setup_run, train_command
+from tests.test_resume import MOVED, TOLERANCE, distance_from_init, final_adapter, max_difference, setup_run, \
+    train_command
 
 
 @pytest.mark.slow
@@ -35,6 +36,8 @@ def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir,
     assert summary["global_step"] == 3 and summary["resumed_from_step"] == 0
     assert sorted(p.name for p in (folder / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert first.stdout.count(f"'compiled_layers': {2 if compiled else 0}") == 2, first.stdout[-2000:]
+    uninterrupted = final_adapter(folder, step=3)
+    assert distance_from_init(uninterrupted) > MOVED, "the adapter never moved: DDP trained nothing"
     if compiled:
         return
 
@@ -45,6 +48,7 @@ def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir,
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["resumed_from_step"] == 2
     assert second.stdout.count("resuming run") == 2, "each of the two processes resumes"
+    assert max_difference(uninterrupted, final_adapter(folder, step=3)) <= TOLERANCE
 
 
 def _set_train_param(text: str, key: str, value) -> str:
