@@ -278,9 +278,7 @@ class CheckpointSync(TrainerCallback):
         if getattr(args, "save_total_limit", None):
             logger.warning("save_total_limit=%s also deletes checkpoints, maybe before their upload; "
                            "set it to None and let CheckpointSync(keep=...) prune", args.save_total_limit)
-        # A previous run may have died before uploading its last checkpoints: they join the queue.
-        done = [s for s, d in local_checkpoints(self.output_dir).items() if local_is_complete(d, s, verify_hashes=False)]
-        self.enqueue(*done)
+        self.upload_leftovers()
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -294,12 +292,21 @@ class CheckpointSync(TrainerCallback):
         self.enqueue(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        if state.is_world_process_zero:
+            self.finish()
+
+    # -- also called directly by a run with nothing left to train --
+    def upload_leftovers(self) -> None:
+        """Queue every complete local checkpoint: a previous run may have died before uploading its last ones."""
+        done = [s for s, d in local_checkpoints(self.output_dir).items() if local_is_complete(d, s, verify_hashes=False)]
+        self.enqueue(*done)
+
+    def finish(self) -> None:
+        """Wait up to drain_timeout for the uploads, then stop the uploader; one line names what is left."""
         if not self.wait_idle(self.drain_timeout):
             left = ", ".join(f"checkpoint-{s}" for s in sorted(self._pending))
             warn(f"upload to {self.remote_uri} not finished after {self.drain_timeout:.0f}s: {left} stay in "
-                 f"{self.output_dir}, and the next run of the train stage uploads them first")
+                 f"{self.output_dir}; the next run of the train stage uploads them (dvc repro -f -s train)")
         self.close()
 
     # -- queue --

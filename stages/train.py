@@ -166,6 +166,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         print(f"train: run {identity['run_id']} is complete at step {resumed_step}; nothing to train")
         if state.is_main_process:  # e.g. fetched onto a fresh machine: its curves come with the checkpoint
             restore_curves(live_dir, Path(start_from))
+            sync.upload_leftovers()  # e.g. the last uploads of the run failed (S3 was down)
+            sync.finish()
         global_step = resumed_step
     else:
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
