@@ -3,9 +3,9 @@
     python -m stages.select --checkpoints models/checkpoints --live results/train/live \
         --adapter models/adapter --out results/select.json
 
-The study chose step 800 by hand (`select.step`): the training loss climbs after ~1,200 steps. Beside it an
-automatic rule is computed and reported, never silently used: the last saved checkpoint at or before the peak of
-the moving average (over `select.smoothing_window` logged points) of the mean training reward.
+The checkpoint is chosen by hand: `select.step` in params.yaml (whose comment says why the study chose its step).
+Beside it an automatic rule is computed and reported, never silently used: the last saved checkpoint at or before
+the peak of the moving average (over `select.smoothing_window` logged points) of the mean training reward.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run(select: SelectParams, checkpoints: Path, live_dir: Path, adapter_dir: Pa
     rule_step = reward_peak_step(read_metric(live_dir, "reward"), sorted(saved), select.smoothing_window)
     record = {
         "step": select.step,
-        "reason": "select.step in params.yaml (the study chose step 800: the loss climbs after ~1,200 steps)",
+        "reason": f"select.step={select.step} in params.yaml, chosen by hand",
         "rule": f"last checkpoint at or before the peak of the {select.smoothing_window}-point moving average "
                 "of the mean training reward",
         "rule_step": rule_step,

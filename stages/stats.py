@@ -1,9 +1,10 @@
 """Statistics stage: compare the base and the tuned model's graded answers to the same questions.
 
     python -m stages.stats --base results/baseline/study/completions.jsonl \
-        --tuned results/evaluate/study/completions.jsonl --train-log dvclive \
-        --out results/stats/study.json --figures results/stats/figures --swaps results/stats/swaps.json
+        --tuned results/evaluate/study/completions.jsonl --train-log results/train/live \
+        --out results/stats/study.json --figures reports/figures/study --swaps results/stats/study-swaps.json
 
+Its params are params.yaml's `stats` section and `seed` (`--params` names another file), as for every stage.
 Writes the numbers (counts, Wilson intervals, two-proportion z-test, paired t/Wilcoxon on per-question scores,
 clustered GEE, cluster bootstrap, McNemar, power, grading sensitivity, lengths) to --out, the figures to
 --figures and the per-question swap-ins/outs to --swaps, all-or-nothing: bad input writes nothing. The
@@ -25,6 +26,7 @@ import pandas as pd
 from grpo_gsm8k import figures
 from grpo_gsm8k import stats as st
 from grpo_gsm8k.io import atomic_file, atomic_output_dir, fail
+from grpo_gsm8k.params import StatsParams, load_params
 
 FIELDS = {"qid": int, "sample": int, "question": str, "gold": str, "completion": str, "n_tokens": int,
           "correct": bool, "ambiguous": bool, "mv_correct": bool}
@@ -276,16 +278,13 @@ def headline(result: dict) -> dict:
     })
 
 
-def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json: Path, figures_dir: Path,
-        swaps_path: Path, *, alpha: float = 0.05, bootstrap_samples: int = 10000, seed: int = 0,
-        power_target: float = 0.8, metrics_path: Path | None = None) -> dict:
-    if not 0 < alpha < 1 or not 0 < power_target < 1 or bootstrap_samples < 1:
-        raise ValueError(f"alpha ({alpha}) and power_target ({power_target}) must lie in (0, 1) and "
-                         f"bootstrap_samples ({bootstrap_samples}) be positive; fix params.yaml stats")
+def run(stats: StatsParams, seed: int, base_path: Path, tuned_path: Path, train_log_dir: Path | None,
+        out_json: Path, figures_dir: Path, swaps_path: Path, metrics_path: Path | None = None) -> dict:
+    """`stats` and `seed` as loaded (and validated) from params.yaml by grpo_gsm8k.params."""
     base, tuned = load_completions(Path(base_path)), load_completions(Path(tuned_path))
     check_same_questions(base, tuned, base_path, tuned_path)
-    result = analyse(base, tuned, alpha=alpha, bootstrap_samples=bootstrap_samples, seed=seed,
-                     power_target=power_target)
+    result = analyse(base, tuned, alpha=stats.alpha, bootstrap_samples=stats.bootstrap_samples, seed=seed,
+                     power_target=stats.power_target)
     curves, notes = figures.load_training_log(Path(train_log_dir) if train_log_dir else None)
     result["training"] = {"curves": sorted(curves), "notes": notes}
     swaps = swap_table(base, tuned)
@@ -305,6 +304,7 @@ def run(base_path: Path, tuned_path: Path, train_log_dir: Path | None, out_json:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--base", type=Path, required=True, help="base model completions.jsonl")
     parser.add_argument("--tuned", type=Path, required=True, help="tuned model completions.jsonl")
     parser.add_argument("--train-log", type=Path, default=None, help="dvclive folder (optional)")
@@ -312,15 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", type=Path, required=True, help="folder for the PNG figures")
     parser.add_argument("--swaps", type=Path, required=True, help="swap-ins/outs JSON")
     parser.add_argument("--metrics", type=Path, default=None, help="headline numbers JSON (for dvc metrics)")
-    parser.add_argument("--alpha", type=float, default=0.05)
-    parser.add_argument("--bootstrap-samples", type=int, default=10000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--power-target", type=float, default=0.8)
     args = parser.parse_args(argv)
     with fail():
-        result = run(args.base, args.tuned, args.train_log, args.out, args.figures, args.swaps, alpha=args.alpha,
-                     bootstrap_samples=args.bootstrap_samples, seed=args.seed, power_target=args.power_target,
-                     metrics_path=args.metrics)
+        params = load_params(args.params)
+        result = run(params.stats, params.seed, args.base, args.tuned, args.train_log, args.out, args.figures,
+                     args.swaps, args.metrics)
     counts, tests = result["counts"], result["two_proportion"]
     print(f"stats: base {counts['base']['correct']}/{counts['base']['total']} -> tuned "
           f"{counts['tuned']['correct']}/{counts['tuned']['total']}; two-proportion p={tests['p']}, "

@@ -9,6 +9,7 @@ demonstrates the machinery.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from grpo_gsm8k import report_render as rr
+from grpo_gsm8k.params import load_params
 from stages import report
 from stages import stats as stats_stage
 from tests.conftest import REPO, cpu_params_dict, write_params
@@ -71,10 +73,11 @@ def build_set(root: Path, name: str, base: list[dict], tuned: list[dict], train_
         folder.mkdir(parents=True)
         (folder / "completions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (folder / "metrics.json").write_text(json.dumps(metrics_of(records)))
-    stats_stage.run(results / "baseline" / name / "completions.jsonl",
+    params = load_params(root / "params.yaml")
+    stats_stage.run(dataclasses.replace(params.stats, bootstrap_samples=200), params.seed,
+                    results / "baseline" / name / "completions.jsonl",
                     results / "evaluate" / name / "completions.jsonl", train_log, results / "stats" / f"{name}.json",
-                    root / "reports" / "figures" / name, results / "stats" / f"{name}-swaps.json",
-                    bootstrap_samples=200, seed=42)
+                    root / "reports" / "figures" / name, results / "stats" / f"{name}-swaps.json")
 
 
 def build_tree(root: Path) -> Path:

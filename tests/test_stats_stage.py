@@ -2,14 +2,24 @@
 
     python -m pytest tests/test_stats_stage.py -q
 """
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from grpo_gsm8k import figures
+from grpo_gsm8k.params import load_params
 from stages import stats as stage
+from tests.conftest import REPO, cpu_params_dict, write_params
+
+STUDY = load_params(REPO / "params.yaml")  # the stats section and seed come from params.yaml only
+
+
+def stats_params(**overrides):
+    return dataclasses.replace(STUDY.stats, **overrides)
 
 FIGURES = ["lengths.png", "paired_questions.png", "proportion.png", "proportion_difference.png", "training.png"]
 TOP_LEVEL = {"counts", "proportions", "wilson", "two_proportion", "per_question", "gee", "bootstrap", "mcnemar",
@@ -55,8 +65,8 @@ def run_stage(tmp_path: Path, base: list[dict], tuned: list[dict], out: str = "o
     write_jsonl(inputs / "tuned.jsonl", tuned)
     log = write_train_log(inputs / "dvclive") if train_log else None
     out_dir = tmp_path / out
-    result = stage.run(inputs / "base.jsonl", inputs / "tuned.jsonl", log, out_dir / "stats.json",
-                       out_dir / "figures", out_dir / "swaps.json", bootstrap_samples=200, **kwargs)
+    result = stage.run(stats_params(bootstrap_samples=200, **kwargs), STUDY.seed, inputs / "base.jsonl",
+                       inputs / "tuned.jsonl", log, out_dir / "stats.json", out_dir / "figures", out_dir / "swaps.json")
     return result, out_dir
 
 
@@ -164,9 +174,9 @@ def test_missing_training_log_folder_skips_the_figure(tmp_path):
     base, tuned = make_records(0.4, seed=1), make_records(0.6, seed=2)
     inputs = tmp_path / "in"
     inputs.mkdir()
-    result = stage.run(write_jsonl(inputs / "b.jsonl", base), write_jsonl(inputs / "t.jsonl", tuned),
-                       tmp_path / "no-such-dvclive", tmp_path / "s.json", tmp_path / "fig", tmp_path / "w.json",
-                       bootstrap_samples=50)
+    result = stage.run(stats_params(bootstrap_samples=50), STUDY.seed, write_jsonl(inputs / "b.jsonl", base),
+                       write_jsonl(inputs / "t.jsonl", tuned), tmp_path / "no-such-dvclive", tmp_path / "s.json",
+                       tmp_path / "fig", tmp_path / "w.json")
     assert result["figures"] == [f for f in FIGURES if f != "training.png"]
     assert "not a folder" in result["training"]["notes"][0]
 
@@ -215,7 +225,8 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path, content, message)
     tuned = write_jsonl(tmp_path / "tuned.jsonl", GOOD)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message) as error:
-        stage.run(base, tuned, None, out / "stats.json", out / "figures", out / "swaps.json", bootstrap_samples=20)
+        stage.run(stats_params(bootstrap_samples=20), STUDY.seed, base, tuned, None, out / "stats.json",
+                  out / "figures", out / "swaps.json")
     fix = "evaluate both models" if "same set" in message else "dvc repro"  # every message says how to fix it
     assert len(str(error.value).splitlines()) == 1 and fix in str(error.value)
     assert not out.exists()
@@ -236,21 +247,43 @@ def test_failure_while_writing_leaves_old_outputs_untouched(tmp_path, monkeypatc
     assert sorted(p.name for p in out.iterdir()) == ["figures", "stats.json", "swaps.json"]
 
 
-@pytest.mark.parametrize("option, value", [("--alpha", "1.5"), ("--power-target", "0"),
-                                           ("--bootstrap-samples", "0")])
-def test_main_rejects_bad_parameters_with_one_error_line(tmp_path, capsys, option, value):
+def main_args(tmp_path: Path, base: Path, tuned: Path, params: Path) -> list[str]:
+    return ["--params", str(params), "--base", str(base), "--tuned", str(tuned), "--out", str(tmp_path / "s.json"),
+            "--figures", str(tmp_path / "f"), "--swaps", str(tmp_path / "w.json")]
+
+
+# stats param, bad value, the one error line (the bounds are params.py's, as for every other stage)
+BAD_PARAMS = [
+    ("stats.alpha", 1.5, "error: stats.alpha=1.5 must be in (0, 1)"),
+    ("stats.power_target", 0, "error: stats.power_target=0.0 must be in (0, 1)"),
+    ("stats.bootstrap_samples", 0, "error: stats.bootstrap_samples=0 must be >= 100"),
+]
+
+
+@pytest.mark.parametrize("key, value, message", BAD_PARAMS)
+def test_main_rejects_bad_params_with_one_error_line(tmp_path, capsys, key, value, message):
     good = write_jsonl(tmp_path / "b.jsonl", GOOD)
+    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{key: value}))
     with pytest.raises(SystemExit) as exit_info:
-        stage.main(["--base", str(good), "--tuned", str(good), "--out", str(tmp_path / "s.json"),
-                    "--figures", str(tmp_path / "f"), "--swaps", str(tmp_path / "w.json"), option, value])
+        stage.main(main_args(tmp_path, good, good, params))
     assert exit_info.value.code == 1
-    assert capsys.readouterr().err.startswith("error: ") and not (tmp_path / "s.json").exists()
+    assert capsys.readouterr().err.startswith(message) and not (tmp_path / "s.json").exists()
 
 
-def test_main_prints_a_summary(tmp_path, capsys):
+def test_main_takes_the_stats_section_and_seed_from_params(tmp_path, capsys):
     base = write_jsonl(tmp_path / "b.jsonl", make_records(0.3, seed=1, questions=5))
     tuned = write_jsonl(tmp_path / "t.jsonl", make_records(0.7, seed=2, questions=5))
-    stage.main(["--base", str(base), "--tuned", str(tuned), "--out", str(tmp_path / "s.json"), "--figures",
-                str(tmp_path / "f"), "--swaps", str(tmp_path / "w.json"), "--bootstrap-samples", "50"])
+    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{
+        "seed": 7, "stats.alpha": 0.1, "stats.bootstrap_samples": 150, "stats.power_target": 0.9}))
+    stage.main(main_args(tmp_path, base, tuned, params))
     data = json.loads((tmp_path / "s.json").read_text())
+    assert {key: data["design"][key] for key in ("seed", "alpha", "bootstrap_samples", "power_target")} == {
+        "seed": 7, "alpha": 0.1, "bootstrap_samples": 150, "power_target": 0.9}
     assert f"base {data['counts']['base']['correct']}/25" in capsys.readouterr().out
+
+
+def test_dvc_yaml_passes_no_params_on_the_command_line():
+    """The stage reads seed and stats from params.yaml (declared as its params), not from flags with defaults."""
+    stats = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["stats"]
+    assert "${" not in stats["cmd"].replace("${item.set}", "")
+    assert stats["params"] == ["seed", "stats"]

@@ -1,0 +1,38 @@
+"""Tests for stages/select.py's record: what it says about the choice follows the params, not the study.
+
+    python -m pytest tests/test_select.py -q
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from grpo_gsm8k.checkpoint_sync import build_manifest, write_local_manifest
+from grpo_gsm8k.params import load_params
+from stages import select
+from tests.conftest import REPO
+
+STUDY = load_params(REPO / "params.yaml").select
+
+
+def write_checkpoint(folder: Path, step: int) -> None:
+    ckpt = folder / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"weights %d" % step)
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["v_proj", "q_proj"]}))
+    write_local_manifest(ckpt, build_manifest(ckpt, step))
+
+
+@pytest.mark.parametrize("step", [4, 8])
+def test_the_recorded_reason_names_the_step_params_chose(tmp_path, step):
+    for saved in (4, 8):
+        write_checkpoint(tmp_path / "ckpt", saved)
+    params = dataclasses.replace(STUDY, step=step)
+    record = select.run(params, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json")
+    assert record["step"] == step and f"select.step={step}" in record["reason"]
+    # No claim about a step the params did not choose (the study's own choice lives in params.yaml's comment).
+    assert str(STUDY.step) not in record["reason"] and "1,200" not in record["reason"]
+    assert json.loads((tmp_path / "s.json").read_text()) == record
