@@ -6,16 +6,22 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from grpo_gsm8k.io import read_jsonl
 from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, resolve_source
 from grpo_gsm8k.params import load_params
 from stages import baseline, data, evaluate, select, train
 from tests.conftest import REPO, cpu_params_dict, write_params
+from tests.rewards_for_tests import TOKEN_VARIANT
+from tests.test_resume import MOVED, TOLERANCE, distance_from_init, max_difference
 
 
 def tiny_params(tmp_path, model_dir, **overrides):
-    settings = {"model.source": str(model_dir), "data.train_questions": 16,
+    """A reward that varies within groups: the study's would be 0 for every 8-token random completion, so the
+    adapter would never move and "resumed equals uninterrupted" could not fail."""
+    settings = {"model.source": str(model_dir), "data.train_questions": 16, "reward.variant": TOKEN_VARIANT,
+                "train.learning_rate": 1e-2,
                 "evaluation.sets.study.questions": 3, "evaluation.sets.study.samples": 2,
                 "evaluation.sets.test.questions": 2, "generation.max_new_tokens": 8, "generation.batch_size": 4,
                 "train.max_steps": 2, "train.save_steps": 1, "train.max_completion_length": 8,
@@ -87,6 +93,7 @@ def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     record = select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter",
                         tmp_path / "select.json")
     assert record["step"] == 2 and record["saved_steps"] == [1, 2]
+    assert distance_from_init(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) > MOVED
     after = evaluate.run(params, "study", tmp_path / "base", tmp_path / "adapter", eval_path, tmp_path / "evaluate")
     assert after["total"] == 6 and "mean_reward" in after
     rows = read_jsonl(tmp_path / "evaluate" / "completions.jsonl")
@@ -110,9 +117,13 @@ def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model
              tmp_path / "summary.json")
     first = train.run(params, *paths)
     assert first["global_step"] == 2
-    shutil.rmtree(tmp_path / "ckpt" / "checkpoint-2")  # as if killed before the last save
+    last = tmp_path / "ckpt" / "checkpoint-2" / "adapter_model.safetensors"
+    uninterrupted = load_file(last)
+    assert distance_from_init(uninterrupted) > MOVED
+    shutil.rmtree(last.parent)  # as if killed before the last save
     resumed = train.run(params, *paths)
     assert resumed["resumed_from_step"] == 1 and resumed["global_step"] == 2
+    assert max_difference(uninterrupted, load_file(last)) <= TOLERANCE
     assert resumed["run_id"] == first["run_id"] == train.run_identity(tiny_params(tmp_path, tiny_model_dir),
                                                                       paths[0], paths[1])["run_id"]
 
