@@ -14,8 +14,12 @@ import pytest
 import yaml
 
 from tests.conftest import dvc, run
+from tests.rewards_for_tests import TOKEN_VARIANT
+from tests.test_resume import MOVED, distance_from_init
 
-SHRINK = {  # the CPU preset, shrunk so the whole pipeline runs in a few minutes
+SHRINK = {  # the CPU preset, shrunk so the whole pipeline runs in a few minutes; a reward that varies within groups
+    # (the study's pays 0 to every 24-token completion) so the adapter moves and "identical from scratch" has teeth
+    "reward.variant": TOKEN_VARIANT, "train.learning_rate": 1e-2,
     "data.train_questions": 8, "evaluation.sets.study.questions": 4, "evaluation.sets.study.samples": 2,
     "evaluation.sets.test.questions": 3, "generation.max_new_tokens": 24, "train.max_steps": 2,
     "train.save_steps": 1, "train.max_completion_length": 24, "select.step": 2, "stats.bootstrap_samples": 200,
@@ -66,6 +70,9 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
     check_report_numbers(repo_copy)
     summary = json.loads((repo_copy / "results/train/summary.json").read_text())
     assert summary["global_step"] == 2 and summary["uploaded_steps"] == [1, 2]
+    from safetensors.torch import load_file
+
+    assert distance_from_init(load_file(repo_copy / "models/adapter/adapter_model.safetensors")) > MOVED
 
     again = dvc("repro", cwd=repo_copy, env=env)
     assert "Running stage" not in again, again
