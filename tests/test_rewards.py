@@ -159,6 +159,10 @@ BAD_KNOBS = [
     (dict(format_max=-1.0), "reward.format_max=-1.0"),  # negative format reward
     (dict(short_penalty=PAID + 1), f"reward.short_penalty={PAID + 1} must not exceed "
      f"reward.correct_value={PAID}"),  # a short correct answer would score below a wrong one
+    (dict(variant="tests.no_such:f"), "reward.variant='tests.no_such:f' cannot be imported (ModuleNotFoundError"),
+    (dict(variant="tests.rewards_for_tests:nope"), "cannot be imported (AttributeError"),  # no such function
+    (dict(variant="grpo_gsm8k.rewards:FORMAT_PARTS"), "is not a function"),  # a constant, not a variant
+    (dict(variant="my rewards.py"), "reward.variant='my rewards.py' is unknown"),  # neither a name nor a path
 ]
 
 
@@ -191,6 +195,20 @@ def test_variant_names(variant, names):
 
 def test_variant_table_is_covered():
     assert sorted(VARIANTS) == sorted(variant for variant, _ in VARIANT_NAMES)
+
+
+# a variant given as a package.module:function path (a researcher's own reward), names TRL will log
+PATH_VARIANT_NAMES = [
+    ("tests.rewards_for_tests:token_variant", ["token_reward"]),  # a reward of its own
+    ("tests.rewards_for_tests:format_only", ["format_reward"]),  # the study's format reward alone
+]
+
+
+@pytest.mark.parametrize(("variant", "names"), PATH_VARIANT_NAMES)
+def test_variant_by_import_path(variant, names):
+    funcs = build_reward_funcs(knobs(variant=variant))
+    assert [get_callable_name(f) for f in funcs] == names
+    assert [pickle.loads(pickle.dumps(f)).__name__ for f in funcs] == names  # accelerate may copy them
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
