@@ -8,6 +8,9 @@ the worst case. For each batch size it times whole chunks of `batch` rows with F
 also packs weights and captures graphs, reported apart) and EXTRAPOLATES the full split from the steady chunk time:
 pack + capture + ceil(6595 / rows per chunk) x chunk seconds. With --hf-tokens N it also times HF generate
 (dynamic cache, sampling) for N forced new tokens at the same batch, and extrapolates it per decode step the same way.
+With --full B[,B2] it also times the evaluate stage's generation path END TO END, not extrapolated: one
+FastGenerator built as grpo_gsm8k.answering builds it (max_batch = generation.batch_size = B, default KV
+buckets), one generate() over all 1,319 prompts x 5 samples, weights packing and graph capture included.
 Appends a markdown table to $OUT/bench_eval_generation.md (or --out).
 """
 from __future__ import annotations
@@ -58,6 +61,39 @@ def time_fast(model, tokenizer, prompts, batch: int, chunks: int, max_new: int, 
             "chunk_s": steady, "ms_per_decode_step": 1000 * steady / max_new, "tokens_per_s": tokens / steady,
             "mean_len": sum(len(s.completion_ids) for s in samples) / max(len(samples), 1),
             "extrapolated_min": (setup + n_chunks * steady) / 60, "peak_gib": peak_gib()}
+
+
+def time_full(model, tokenizer, prompts, batch: int, max_new: int, questions: int = QUESTIONS) -> dict:
+    """All `questions` x SAMPLES in one generate() call, as the evaluate stage runs them (answering.py), timed whole."""
+    gen = FastGenerator(model, tokenizer, max_new_tokens=max_new, temperature=0.8, top_p=1.0, max_batch=batch,
+                        vocab_size=len(tokenizer))
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    sync()
+    start = time.perf_counter()
+    samples = gen.generate(prompts[:questions], SAMPLES, seed=42)
+    sync()
+    total = time.perf_counter() - start
+    st = gen.stats
+    tokens = sum(len(s.completion_ids) for s in samples)
+    return {"batch": batch, "questions": questions, "samples": len(samples), "total_s": total,
+            "minutes": total / 60, "tokens": tokens, "tokens_per_s": tokens / total,
+            "truncated": sum(s.truncated for s in samples) / len(samples),
+            "pack_s": st.pack_s, "capture_s": st.capture_s, "prefill_s": st.prefill_s,
+            "decode_s": st.decode_s - st.capture_s, "decode_steps": st.decode_steps,
+            "ms_per_decode_step": 1000 * (st.decode_s - st.capture_s) / max(st.decode_steps, 1),
+            "graphs": st.graphs_captured, "peak_gib": peak_gib()}
+
+
+def full_table(results: list[dict], max_new: int) -> str:
+    lines = [f"| rows/chunk | questions x samples | END TO END s (min) | completion tok/s | truncated | pack s | "
+             f"capture s (graphs) | prefill s | decode s | ms/decode step | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['batch']} | {r['questions']} x {SAMPLES} ({max_new} tok max) | {r['total_s']:.1f} "
+                     f"({r['minutes']:.2f}) | {r['tokens_per_s']:.0f} | {r['truncated']:.0%} | {r['pack_s']:.1f} | "
+                     f"{r['capture_s']:.1f} ({r['graphs']}) | {r['prefill_s']:.1f} | {r['decode_s']:.1f} | "
+                     f"{r['ms_per_decode_step']:.1f} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def time_hf(model, tokenizer, prompts, batch: int, new_tokens: int, max_new: int) -> dict:
@@ -123,6 +159,8 @@ def main() -> None:
     parser.add_argument("--hf-tokens", type=int, default=0, help="also time HF generate for this many tokens")
     parser.add_argument("--compare-torch", action="store_true", help="also time the first batch without Triton")
     parser.add_argument("--profile", action="store_true", help="also profile one rollout of the training shape")
+    parser.add_argument("--full", default="", help="rows per chunk for END-TO-END runs of the whole split, e.g. 240")
+    parser.add_argument("--questions", type=int, default=QUESTIONS, help="questions in an end-to-end run")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     cli = parser.parse_args()
@@ -145,7 +183,14 @@ def main() -> None:
     if cli.hf_tokens:
         results.append(time_hf(model, tokenizer, prompts, int(cli.batch.split(",")[0]), cli.hf_tokens, cli.max_new))
         print(results[-1], flush=True)
-    report = f"\n### bench_eval_generation · {device_line()}\n\n{table(results, cli.max_new)}"
+    full = []
+    for batch in (int(b) for b in cli.full.split(",") if b):
+        full.append(time_full(model, tokenizer, prompts, batch, cli.max_new, cli.questions))
+        print(full[-1], flush=True)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    report = f"\n### bench_eval_generation · {device_line()}\n\n{table(results, cli.max_new) if results else ''}"
+    if full:
+        report += f"\nEnd to end (evaluate stage's generation path, not extrapolated):\n\n{full_table(full, cli.max_new)}"
     print(report, flush=True)
     with open(Path(cli.out) / "bench_eval_generation.md", "a") as handle:
         handle.write(report)

@@ -14,6 +14,20 @@ Each engine runs in its own subprocess (clean peak-memory numbers); the table gi
 the first, completion tokens per second, peak allocated GiB, and the per-phase breakdown: generation (TRL's
 _generate), scoring (rest of TRL's batch preparation: rewards, padding), log-prob forward + loss (compute_loss),
 backward, optimizer. The table is printed and appended to $OUT/bench_grpo_step.md (or --out).
+
+Completion lengths (--lengths): "max" (default) lets every completion run to --max-completion, the worst case.
+"gsm8k[:SCALE]" (fast engines only) emulates a model that ends its answers: each completion ends (EOS) at a
+length drawn, seeded and independently, from the GSM8K training split's reference solutions' token counts (in the
+bench's tokenizer) times SCALE (default 2.0: a chat model writes out more than the terse references), capped at
+--max-completion. The generator decodes until the longest drawn length of its batch, rounded up to its
+"all rows ended?" check period, as it does with real EOS; training then sees the drawn lengths.
+
+A second table gives each phase's distance from the card's limit: decode as bytes read per decode step (packed
+weights without the embedding table, plus the visible K/V) over its time vs HBM bandwidth; training as useful
+FLOPs (2 x non-embedding parameters x tokens for each forward, the same for the frozen-base backward, lm_head on
+completion tokens only, attention FLOPs left out) over the phase's time vs peak bf16. Limits default to what was
+measured on the card (H200: 4.3 TB/s copy, 790 TFLOP/s bf16 matmul, see the device KINDS.md); --hbm-tbps and
+--peak-tflops set them.
 """
 from __future__ import annotations
 
@@ -40,6 +54,8 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-eager": {"compile": False, "freeze_gc": True, "cudnn_attention": False},
                 "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True}}  # as first measured
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
+# Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
+CARD_LIMITS = {"H200": (4.3, 790.0)}  # name substring: (TB/s, TFLOP/s)
 
 
 def build_tokenizer(vocab_size: int):
@@ -118,6 +134,7 @@ class PhaseClock:
             self.current[phase] += time.perf_counter() - start - inner
             if name == "_generate":
                 self.current["tokens"] = self.current.get("tokens", 0) + sum(len(c) for c in result[1])
+                self.current["prompt_tokens"] = self.current.get("prompt_tokens", 0) + sum(len(p) for p in result[0])
             return result
 
         setattr(owner, name, timed)
@@ -182,6 +199,110 @@ def write_profile(prof, step_s: float, path: Path) -> float:
     return kernel_s
 
 
+def parse_lengths(spec: str) -> float | None:
+    """--lengths: "max" -> None (worst case); "gsm8k" or "gsm8k:SCALE" -> SCALE (default 2.0)."""
+    name, _, scale = spec.partition(":")
+    if name == "max" and not scale:
+        return None
+    try:
+        value = float(scale) if scale else 2.0
+    except ValueError:
+        value = -1.0
+    if name != "gsm8k" or value <= 0:
+        raise SystemExit(f"--lengths {spec!r}: use max, gsm8k or gsm8k:SCALE with SCALE > 0 (e.g. gsm8k:2.0)")
+    return value
+
+
+def reference_lengths(tokenizer, scale: float, cap: int, n_rows: int = 7473) -> list[int]:
+    """Token counts of the GSM8K training split's reference solutions, times `scale`, clipped to [1, cap]."""
+    answers = [r["answer"] for r in gsm8k_rows("train", n_rows)]
+    counts = [len(ids) for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    return [min(cap, max(1, round(scale * n))) for n in counts]
+
+
+def cut_to_lengths(samples: list, lengths: list[int], eos_id: int, max_new: int) -> list:
+    """End each sample at its drawn length with EOS, as a model that stopped there would have; a sample that is
+    already shorter (a real EOS) stays, and a drawn length at the cap keeps the sample truncated."""
+    from grpo_gsm8k.fastgen import Sample
+
+    cut = []
+    for sample, n in zip(samples, lengths):
+        if n >= max_new or len(sample.completion_ids) <= n:
+            cut.append(sample)
+            continue
+        cut.append(Sample(sample.completion_ids[:n - 1] + [eos_id], sample.logprobs[:n], truncated=False))
+    return cut
+
+
+def emulate_lengths(pool: list[int], seed: int = 0) -> None:
+    """Patch FastGenerator (in this bench process only) so completions end at lengths drawn from `pool`."""
+    import random
+
+    from grpo_gsm8k import fastgen
+
+    rng = random.Random(seed)
+    cls = fastgen.FastGenerator
+    chunk, collect = cls._generate_chunk, cls._collect
+
+    def generate_chunk(self, prompt_ids, rows):
+        self.bench_lengths = [rng.choice(pool) for _ in rows]
+        return chunk(self, prompt_ids, rows)
+
+    def decode(self, st, width):  # FastGenerator._decode, stopping where the longest drawn completion ends
+        check_every = fastgen.CHECK_EVERY if self.use_cuda_graph else 1
+        limit = min(self.max_new_tokens, -(-max(self.bench_lengths) // check_every) * check_every)
+        if bool(st.done.all()) or limit <= 1:
+            return 1
+        for column in range(1, limit):
+            slot = width + column - 1
+            if self.use_cuda_graph:
+                self._graph_for(st, self._attend_len(slot, st.cache_len)).replay()
+            else:
+                self._step(st, slot + 1)
+            self.stats.decode_steps += 1
+            if (column + 1) % check_every == 0 and bool(st.done.all()):
+                return column + 1
+        return limit
+
+    def collect_cut(self, st, n_rows, columns):
+        return cut_to_lengths(collect(self, st, n_rows, columns), self.bench_lengths, self.eos_token_ids[0],
+                              self.max_new_tokens)
+
+    cls._generate_chunk, cls._decode, cls._collect = generate_chunk, decode, collect_cut
+
+
+def model_sizes(model) -> dict:
+    """Parameter counts the limits table needs (base model only, before LoRA)."""
+    inner = model.model
+    embed = inner.embed_tokens.weight.numel()
+    head = model.lm_head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"layers_params": total - embed - head, "head_params": head, "weight_bytes": 2 * (total - embed),
+            "kv_bytes_per_slot": 2 * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim}
+
+
+def phase_limits(result: dict, sizes: dict, beta: float, hbm_tbps: float | None, peak_tflops: float | None) -> dict:
+    """Bytes and FLOPs of one step's phases, and the achieved fraction of the card's limits (None: unknown)."""
+    out = {}
+    fg = result.get("fastgen")
+    if fg and fg.get("decode_steps"):
+        ms = 1000 * (fg["decode_s"] - fg["capture_s"]) / fg["decode_steps"]
+        chunks = result.get("fastgen_chunks") or []
+        rows = statistics.mean(c["rows"] for c in chunks) if chunks else 0
+        attended = statistics.mean(c["width"] + c["columns"] / 2 for c in chunks) if chunks else 0
+        gb = (sizes["weight_bytes"] + rows * attended * sizes["kv_bytes_per_slot"]) / 1e9
+        out.update(decode_ms=ms, decode_gb=gb, decode_tbps=gb / ms, decode_frac=gb / ms / hbm_tbps if hbm_tbps else None)
+    completion, prompt = result["tokens_per_step"], result.get("prompt_tokens_per_step", 0.0)
+    forward = 2 * (sizes["layers_params"] * (prompt + completion) + sizes["head_params"] * completion)
+    train_s = result["forward"] + result["backward"] + (result["scoring"] if beta > 0 else 0.0)
+    tflop = (forward * (3 if beta > 0 else 2)) / 1e12  # policy forward + frozen-base backward (+ reference forward)
+    out.update(train_tflop=tflop, train_s=train_s, train_tflops=tflop / train_s if train_s else 0.0)
+    out["train_frac"] = out["train_tflops"] / peak_tflops if peak_tflops and train_s else None
+    return out
+
+
 def run_engine(engine: str, cli) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -193,13 +314,23 @@ def run_engine(engine: str, cli) -> dict:
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
+    scale = parse_lengths(getattr(cli, "lengths", "max"))
+    fast = engine in FAST_ENGINES
+    if scale is not None:
+        if not fast:
+            raise SystemExit(f"--lengths {cli.lengths}: only the fast engines can end completions at drawn lengths")
+        pool = reference_lengths(tokenizer, scale, cli.max_completion)
+        emulate_lengths(pool)
+        print(f"[{engine}] lengths {cli.lengths}: mean {statistics.mean(pool):.0f}, median "
+              f"{statistics.median(pool):.0f}, p90 {sorted(pool)[int(0.9 * len(pool))]}, max {max(pool)} tokens "
+              f"({sum(n >= cli.max_completion for n in pool) / len(pool):.1%} at the cap)", flush=True)
     start = time.perf_counter()
     model = build_model(tokenizer, cli.tiny)
+    sizes = model_sizes(model)
     print(f"[{engine}] model built in {time.perf_counter() - start:.1f}s", flush=True)
     dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM},
                                              {"role": "user", "content": r["question"]}],
                                   "answer": r["answer"].split("####")[-1].strip()} for r in gsm8k_rows("train", 400)])
-    fast = engine in FAST_ENGINES
     extra = fast_training_overrides() if fast else ENGINES[engine]
     args = GRPOConfig(output_dir="/tmp/bench_grpo", per_device_train_batch_size=cli.per_device,
                       gradient_accumulation_steps=cli.accum, num_generations=cli.gens,
@@ -238,6 +369,13 @@ def run_engine(engine: str, cli) -> dict:
         result["fastgen"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()
                              if k != "extra"}
         result["fastgen_chunks"] = stats.extra.get("chunks", [])
+    result["lengths"] = getattr(cli, "lengths", "max")
+    result["completions"] = cli.per_device * cli.accum
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    hbm, peak = next((v for k, v in CARD_LIMITS.items() if k in card), (None, None))
+    hbm, peak = getattr(cli, "hbm_tbps", None) or hbm, getattr(cli, "peak_tflops", None) or peak
+    result["limits"] = phase_limits(result, sizes, cli.beta, hbm, peak)
+    result["limits"].update(hbm_tbps=hbm, peak_tflops=peak)
     return result
 
 
@@ -246,6 +384,7 @@ def summarize(engine: str, steps: list[dict], args) -> dict:
     median = lambda key: statistics.median(s.get(key, 0.0) for s in timed)  # noqa: E731
     return {"engine": engine, "steps": [round(s["step"], 3) for s in steps], "s_per_step": median("step"),
             "tokens_per_step": median("tokens"), "tokens_per_s": median("tokens") / median("step"),
+            "prompt_tokens_per_step": median("prompt_tokens"),
             "peak_gib": max(s["peak_gib"] for s in steps), "reserved_gib": max(s["reserved_gib"] for s in steps),
             **{p: median(p) for p in PHASES},
             "gradient_checkpointing": bool(args.gradient_checkpointing)}
@@ -258,6 +397,26 @@ def table(results: list[dict]) -> str:
             f"{r['generation']:.2f} | {r['scoring']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
             f"{r['optimizer']:.3f} | {r['gradient_checkpointing']} |" for r in results]
     return head + "\n".join(rows) + "\n"
+
+
+def limits_table(results: list[dict]) -> str:
+    """Each phase against the card's limit (see the module docstring for what is counted)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    head = ("| engine | lengths | completion tok/step (mean/completion) | decode ms/step | decode GB/step | "
+            "decode TB/s | of HBM | train TFLOP/step | train s | train TFLOP/s | of peak |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    rows = []
+    for r in results:
+        lim = r.get("limits", {})
+        n = r["tokens_per_step"]
+        decode = (f"{lim['decode_ms']:.2f} | {lim['decode_gb']:.1f} | {lim['decode_tbps']:.2f} | "
+                  f"{pct(lim['decode_frac'])}" if "decode_ms" in lim else "- | - | - | -")
+        rows.append(f"| {r['engine']} | {r.get('lengths', 'max')} | {n:.0f} ({n / r.get('completions', 24):.0f}) | {decode} | "
+                    f"{lim.get('train_tflop', 0):.0f} | {lim.get('train_s', 0):.2f} | {lim.get('train_tflops', 0):.0f} | "
+                    f"{pct(lim.get('train_frac'))} |")
+    limits = next((f"limits used: HBM {r['limits']['hbm_tbps']} TB/s, peak {r['limits']['peak_tflops']} TFLOP/s"
+                   for r in results if r.get("limits", {}).get("hbm_tbps")), "limits: unknown card, no fractions")
+    return head + "\n".join(rows) + f"\n\n{limits}\n"
 
 
 def device_line() -> str:
@@ -281,6 +440,9 @@ def main() -> None:
     parser.add_argument("--max-completion", type=int, default=256)
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--lora-dropout", type=float, default=0.0, help="the anchors used 0; the study 0.05")
+    parser.add_argument("--lengths", default="max", help="max (every completion to the limit) | gsm8k[:SCALE]")
+    parser.add_argument("--hbm-tbps", type=float, default=None, help="HBM bandwidth limit (default: the card's)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak (default: the card's)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model: checks the script, on CPU too")
     parser.add_argument("--profile-step", type=int, default=0, help="torch.profiler over this step (1-based)")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -288,6 +450,8 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     cli = parser.parse_args()
     engines = ["trl", "fast"] if cli.engine == "both" else cli.engine.split(",")
+    if parse_lengths(cli.lengths) is not None and not all(e in FAST_ENGINES for e in engines):
+        raise SystemExit(f"--lengths {cli.lengths}: only the fast engines can end completions at drawn lengths")
     if cli.child:
         print("RESULT " + json.dumps(run_engine(engines[0], cli)), flush=True)
         return
@@ -297,7 +461,9 @@ def main() -> None:
         argv = [f"--engine={engine}", "--child", f"--steps={steps}", f"--per-device={cli.per_device}",
                 f"--accum={cli.accum}", f"--gens={cli.gens}", f"--max-completion={cli.max_completion}",
                 f"--beta={cli.beta}", f"--lora-dropout={cli.lora_dropout}", f"--out={cli.out}",
-                f"--profile-step={cli.profile_step}"] + (["--tiny"] if cli.tiny else [])
+                f"--profile-step={cli.profile_step}", f"--lengths={cli.lengths}"] + (["--tiny"] if cli.tiny else []) \
+            + [f"--{k.replace('_', '-')}={v}" for k, v in (("hbm_tbps", cli.hbm_tbps),
+                                                          ("peak_tflops", cli.peak_tflops)) if v]
         try:
             proc = subprocess.run([sys.executable, __file__, *argv], stdout=subprocess.PIPE, text=True,
                                   timeout=cli.timeout)
@@ -310,7 +476,7 @@ def main() -> None:
             print(f"[{engine}] failed with exit code {proc.returncode}", flush=True)
             continue
         results.append(found[0])
-    report = f"\n### bench_grpo_step · {device_line()}\n\n{table(results)}\n" + "".join(
+    report = f"\n### bench_grpo_step · {device_line()}\n\n{table(results)}\n{limits_table(results)}\n" + "".join(
         f"- {r['engine']}: per-step seconds {r['steps']}" + (f"; fastgen {r['fastgen']}" if "fastgen" in r else "")
         + "\n" for r in results)
     print(report, flush=True)
