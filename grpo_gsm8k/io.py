@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -20,8 +21,12 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; outputs are meant to be shared
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        filename = getattr(err, "filename", None)
+        if _disk_full(err) and (filename is None or str(filename).startswith(str(tmp))):
+            # name the declared output, not the scratch folder that is already gone
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_dir)) from err
         raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -36,20 +41,30 @@ def atomic_file(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if _disk_full(err) and getattr(err, "filename", None) in (None, str(tmp)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
         raise
     os.replace(tmp, path)
 
 
 def write_jsonl(path: Path, rows) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with path.open("w") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file; say which one
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, fix: str = "delete the file and rerun the stage that writes it",
+               keys: tuple[str, ...] = ()) -> list[dict]:
+    """Every row of a jsonl file; a bad line (not JSON, not an object, or lacking one of `keys`) raises
+    ValueError naming `path:line` and `fix`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run the stage that writes it first (dvc repro)")
@@ -58,10 +73,13 @@ def read_jsonl(path: Path) -> list[dict]:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}); "
-                                     "delete the file and rerun the stage that writes it") from None
+                    raise ValueError(f"{path}:{number} is not valid JSON ({err.msg}); {fix}") from None
+                missing = [key for key in keys if not isinstance(row, dict) or key not in row]
+                if missing:
+                    raise ValueError(f"{path}:{number} lacks {json.dumps(missing[0])}; {fix}")
+                rows.append(row)
     return rows
 
 
@@ -70,12 +88,39 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+# What to do about an OS error, by errno; the message already names the path.
+OS_FIXES = {
+    errno.ENOSPC: "the disk is full; free space there (or write the outputs to another disk), then rerun",
+    errno.EDQUOT: "the disk quota is used up; free space there, then rerun",
+    errno.EACCES: "permission denied; make it writable for this user (chmod/chown) or use another folder",
+    errno.EPERM: "operation not permitted; make it writable for this user (chmod/chown) or use another folder",
+    errno.EROFS: "the filesystem is read-only; write the outputs to a writable disk",
+}
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC, also when it arrives wrapped by a library that drops the errno (safetensors: "os error 28")."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(err)
+
+
+def error_message(err: BaseException) -> str:
+    """One line for an expected failure: ours carry their own message; an OS error gets its path and the fix."""
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        fix = OS_FIXES.get(err.errno)
+        return f"{where}{err.strerror or os.strerror(err.errno)}" + (f" ({fix})" if fix else "")
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @contextlib.contextmanager
 def fail() -> Iterator[None]:
-    """Turn bad input (a param, a path, a file's content) into one `error:` line and exit status 1."""
+    """Turn an expected failure (a bad param, path or file, or the OS refusing: disk full, permissions) into one
+    `error:` line and exit status 1. Anything else is a bug and keeps its traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError, NotADirectoryError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None

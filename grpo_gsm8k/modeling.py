@@ -160,10 +160,27 @@ def _folder_fingerprint(folder: Path) -> str:
 
 
 def _hub_commit(repo_id: str, revision: str) -> str:
-    """Pin a hub revision to its commit so the pointer names exact weights; offline, keep what was asked."""
-    try:
-        from huggingface_hub import HfApi
+    """Pin a hub revision to its commit: asked of the hub, or offline read from the local cache. An id that is in
+    neither fails here, naming model.source, instead of in a later stage's download."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-        return HfApi().model_info(repo_id, revision=revision).sha or revision
-    except Exception:  # offline or gated: loading will use the local cache or fail with HF's own message
-        return revision
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo_id, revision=revision).sha or revision
+        except RevisionNotFoundError:
+            raise ModelSourceError(f"model.revision={revision!r} does not exist for model.source={repo_id!r}; "
+                                   "fix model.revision") from None
+        except RepositoryNotFoundError:
+            raise ModelSourceError(f"model.source={repo_id!r} is not a model on the Hugging Face hub (or it is "
+                                   "private and you are not logged in); fix model.source, or run "
+                                   "`huggingface-cli login`") from None
+        except Exception:  # hub unreachable: the local cache may still hold it
+            pass
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(cached, str):
+        state = "offline (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "unreachable"
+        raise ModelSourceError(f"model.source={repo_id!r} (revision {revision!r}) is not in the local Hugging Face "
+                               f"cache and the hub is {state}; fix model.source, or download it first "
+                               f"(huggingface-cli download {repo_id})")
+    return Path(cached).parent.name  # .../snapshots/<commit>/config.json

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 
 from grpo_gsm8k.grading import parse_gold
-from grpo_gsm8k.io import atomic_output_dir, fail, write_jsonl
+from grpo_gsm8k.io import atomic_output_dir, fail, read_jsonl, write_jsonl
 from grpo_gsm8k.params import DataParams, EvaluationParams, load_params
 
 
@@ -29,6 +29,9 @@ def load_gsm8k(source: str, hub_config: str):
         if missing:
             raise FileNotFoundError(f"data.source={source!r} lacks {missing[0]}; "
                                     "point it at a folder with GSM8K's train.jsonl and test.jsonl")
+        for path in files.values():  # `datasets` would report a bad line by byte position only
+            read_jsonl(path, keys=("question", "answer"), fix=f"fix that line of data.source={source!r} "
+                       "or point data.source at an intact GSM8K folder (the shipped data/gsm8k)")
         return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
     if folder.suffix or source.startswith((".", "/")):
         raise FileNotFoundError(f"data.source={source!r} does not exist; fix the path or use 'openai/gsm8k'")
@@ -52,9 +55,12 @@ def prepare_rows(split, system_prompt: str, indices: list[int]) -> list[dict]:
     return rows
 
 
-def choose(count: int | str, total: int, rng: random.Random) -> list[int]:
-    """`count` distinct row indices drawn with `rng`, or every row in order for "all"."""
-    if count == "all" or count >= total:
+def choose(count: int | str, total: int, rng: random.Random, param: str, split: str) -> list[int]:
+    """`count` distinct row indices drawn with `rng`, or every row in order for "all" (or exactly `total`)."""
+    if count != "all" and count > total:  # silently taking fewer would change the design
+        raise ValueError(f"{param}={count} but the {split} split has {total} questions; "
+                         f"use at most {total}, or \"all\" for every one")
+    if count == "all" or count == total:
         return list(range(total))
     return rng.sample(range(total), count)
 
@@ -64,12 +70,14 @@ def run(data: DataParams, evaluation: EvaluationParams, seed: int, out_dir: Path
     train, test = dataset["train"], dataset["test"]
     counts = {}
     with atomic_output_dir(out_dir) as tmp:
-        train_ids = choose(data.train_questions, len(train), random.Random(f"{seed}-train"))
+        train_ids = choose(data.train_questions, len(train), random.Random(f"{seed}-train"),
+                           "data.train_questions", "train")
         write_jsonl(tmp / "train.jsonl", prepare_rows(train, data.system_prompt, train_ids))
         counts["train"] = len(train_ids)
         for name, eval_set in evaluation.sets.items():
             # Each set gets its own stream so adding a set never changes another set's draw.
-            ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"))
+            ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"),
+                         f"evaluation.sets.{name}.questions", "test")
             write_jsonl(tmp / "eval" / f"{name}.jsonl", prepare_rows(test, data.system_prompt, ids))
             counts[name] = len(ids)
     return counts

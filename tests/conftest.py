@@ -62,13 +62,24 @@ def tiny_model_dir(smollm_dir, tmp_path_factory) -> Path:
     return out
 
 
+def repo_files(repo: Path) -> list[str]:
+    """The working tree's files as a test's copy should hold them: tracked, or new and not ignored. Left out are
+    the untracked files an earlier `dvc repro` or `scripts/demo.sh` wrote (dvc.lock, and the .gitignore files DVC
+    puts beside outputs), so a test starts from the pipeline as committed whatever ran before it."""
+    def listed(*options: str) -> list[str]:
+        return subprocess.run(["git", "ls-files", *options], cwd=repo, check=True, capture_output=True,
+                              text=True).stdout.split()
+
+    untracked = [name for name in listed("-o", "--exclude-standard")
+                 if Path(name).name not in ("dvc.lock", ".gitignore")]
+    return listed("-c") + untracked
+
+
 @pytest.fixture
 def repo_copy(tmp_path) -> Path:
     """A git clone of the working tree (committed or not) for running real dvc commands in isolation."""
     dest = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split()
-    for name in files:
+    for name in repo_files(REPO):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
