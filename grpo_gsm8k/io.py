@@ -90,10 +90,10 @@ def write_json(path: Path, data) -> None:
 
 # What to do about an OS error, by errno; the message already names the path.
 OS_FIXES = {
-    errno.ENOSPC: "the disk is full; free space there (or write the outputs to another disk), then rerun",
-    errno.EDQUOT: "the disk quota is used up; free space there, then rerun",
-    errno.EACCES: "permission denied; make it writable for this user (chmod/chown) or use another folder",
-    errno.EPERM: "operation not permitted; make it writable for this user (chmod/chown) or use another folder",
+    errno.ENOSPC: "the disk is full: free space there or write the outputs to another disk, then rerun",
+    errno.EDQUOT: "the disk quota is used up: free space there, then rerun",
+    errno.EACCES: "make it writable for this user (chmod/chown) or use another folder",
+    errno.EPERM: "make it writable for this user (chmod/chown) or use another folder",
     errno.EROFS: "the filesystem is read-only; write the outputs to a writable disk",
 }
 
@@ -110,7 +110,7 @@ def error_message(err: BaseException) -> str:
     if isinstance(err, OSError) and err.errno is not None:
         where = f"{err.filename}: " if err.filename is not None else ""
         fix = OS_FIXES.get(err.errno)
-        return f"{where}{err.strerror or os.strerror(err.errno)}" + (f" ({fix})" if fix else "")
+        return f"{where}{err.strerror or os.strerror(err.errno)}" + (f"; {fix}" if fix else "")
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
