@@ -156,7 +156,8 @@ def test_outside_a_dvc_repository_is_an_error(tmp_path):
 TINY = {  # the CPU preset shrunk to seconds per stage on the tiny random model
     "evaluation.sets.study.questions": 3, "evaluation.sets.study.samples": 2, "evaluation.sets.test.questions": 2,
     "evaluation.sets.test.samples": 1, "generation.max_new_tokens": 8, "train.max_steps": 2, "train.save_steps": 1,
-    "train.max_completion_length": 8, "data.train_questions": 8, "train.checkpoint_remote": "", "select.step": 2,
+    "train.max_completion_length": 8, "reward.min_tokens": 4, "data.train_questions": 8, "train.checkpoint_remote": "",
+    "select.step": 2,
     "stats.bootstrap_samples": 200,
 }
 QUEUE_WAIT_S = 420
