@@ -248,27 +248,15 @@ def emulate_lengths(pool: list[int], seed: int = 0) -> None:
         self.bench_lengths = [rng.choice(pool) for _ in rows]
         return chunk(self, prompt_ids, rows)
 
-    def decode(self, st, width):  # FastGenerator._decode, stopping where the longest drawn completion ends
+    def decode_limit(self):  # stop where the longest drawn completion ends, rounded up to a done-check
         check_every = fastgen.CHECK_EVERY if self.use_cuda_graph else 1
-        limit = min(self.max_new_tokens, -(-max(self.bench_lengths) // check_every) * check_every)
-        if bool(st.done.all()) or limit <= 1:
-            return 1
-        for column in range(1, limit):
-            slot = width + column - 1
-            if self.use_cuda_graph:
-                self._graph_for(st, self._attend_len(slot, st.cache_len)).replay()
-            else:
-                self._step(st, slot + 1)
-            self.stats.decode_steps += 1
-            if (column + 1) % check_every == 0 and bool(st.done.all()):
-                return column + 1
-        return limit
+        return max(1, min(self.max_new_tokens, -(-max(self.bench_lengths) // check_every) * check_every))
 
     def collect_cut(self, st, n_rows, columns):
         return cut_to_lengths(collect(self, st, n_rows, columns), self.bench_lengths, self.eos_token_ids[0],
                               self.max_new_tokens)
 
-    cls._generate_chunk, cls._decode, cls._collect = generate_chunk, decode, collect_cut
+    cls._generate_chunk, cls._decode_limit, cls._collect = generate_chunk, decode_limit, collect_cut
 
 
 def model_sizes(model) -> dict:

@@ -160,12 +160,17 @@ class FastGenerator:
         st.cur.fill_(width)
         st.step.fill_(1)
 
+    def _decode_limit(self) -> int:
+        """Columns to sample at most (bench/bench_grpo_step.py lowers it to emulate realistic lengths)."""
+        return self.max_new_tokens
+
     def _decode(self, st: DecodeState, width: int) -> int:
-        """Run decode steps until max_new_tokens or every row ended; return the number of sampled columns."""
+        """Run decode steps until the limit or every row ended; return the number of sampled columns."""
         check_every = CHECK_EVERY if self.use_cuda_graph else 1
+        limit = self._decode_limit()
         if bool(st.done.all()):
             return 1
-        for column in range(1, self.max_new_tokens):
+        for column in range(1, limit):
             slot = width + column - 1  # cache slot of the token fed at this step
             if self.use_cuda_graph:
                 self._graph_for(st, self._attend_len(slot, st.cache_len)).replay()
@@ -174,7 +179,7 @@ class FastGenerator:
             self.stats.decode_steps += 1
             if (column + 1) % check_every == 0 and bool(st.done.all()):
                 return column + 1
-        return self.max_new_tokens
+        return limit
 
     def _collect(self, st: DecodeState, n_rows: int, columns: int) -> list[Sample]:
         tokens = st.out_tokens[:n_rows, :columns].cpu()
