@@ -48,6 +48,8 @@ from pathlib import Path
 import fsspec
 from transformers import TrainerCallback
 
+from grpo_gsm8k.io import first_line
+
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -65,10 +67,6 @@ class RemoteUnavailable(RuntimeError):
 def warn(message: str) -> None:
     """One line on stderr: a fault we work around, which the user should still see (logging may be off)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # ---- manifests and local folders -------------------------------------------

@@ -111,8 +111,12 @@ def error_message(err: BaseException) -> str:
         where = f"{err.filename}: " if err.filename is not None else ""
         fix = OS_FIXES.get(err.errno)
         return f"{where}{err.strerror or os.strerror(err.errno)}" + (f"; {fix}" if fix else "")
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
+
+
+def first_line(err: BaseException) -> str:
+    """The error's message, cut to its first line (a library's multi-line text would break the one-line rule)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @contextlib.contextmanager
