@@ -283,11 +283,8 @@ def killing_session(server, key_suffix: str):
     return session, killed
 
 
-def upload_lines(capfd, step: int) -> list[str]:
-    return [line for line in capfd.readouterr().err.splitlines() if f"checkpoint-{step}" in line]
-
-
-def test_server_killed_mid_upload_then_back_the_checkpoint_arrives_whole(s3_server, tmp_path, capfd):
+def save_2_while_the_server_dies(s3_server, tmp_path, capfd):
+    """Checkpoint-1 uploads whole; the server is killed on checkpoint-2's optimizer.pt (its first two files are up)."""
     out, remote, options = tmp_path / "out", f"s3://{s3_server.bucket}/run", fast_fail_options(s3_server)
     session, killed = killing_session(s3_server, "checkpoint-2/optimizer.pt")
     run = Run(out, new_sync(out, remote, {**options, "session": session}))
@@ -295,6 +292,15 @@ def test_server_killed_mid_upload_then_back_the_checkpoint_arrives_whole(s3_serv
     assert run.sync.wait_idle(30)
     capfd.readouterr()
     run.save(2)
+    return out, remote, options, run, killed
+
+
+def upload_lines(capfd, step: int) -> list[str]:
+    return [line for line in capfd.readouterr().err.splitlines() if f"checkpoint-{step}" in line]
+
+
+def test_server_killed_mid_upload_then_back_the_checkpoint_arrives_whole(s3_server, tmp_path, capfd):
+    out, remote, options, run, killed = save_2_while_the_server_dies(s3_server, tmp_path, capfd)
     wait_for(lambda: run.sync.failed_attempts >= 2, "the upload never failed after the server was killed")
     assert killed == ["run/checkpoint-2/optimizer.pt"]
     lines = upload_lines(capfd, 2)
@@ -309,13 +315,7 @@ def test_server_killed_mid_upload_then_back_the_checkpoint_arrives_whole(s3_serv
 
 
 def test_process_dies_while_the_server_is_down_mid_upload_next_run_resumes(s3_server, tmp_path, capfd):
-    out, remote, options = tmp_path / "out", f"s3://{s3_server.bucket}/run", fast_fail_options(s3_server)
-    session, killed = killing_session(s3_server, "checkpoint-2/optimizer.pt")
-    run = Run(out, new_sync(out, remote, {**options, "session": session}))
-    run.save(1)
-    assert run.sync.wait_idle(30)
-    capfd.readouterr()
-    run.save(2)
+    out, remote, options, run, killed = save_2_while_the_server_dies(s3_server, tmp_path, capfd)
     wait_for(lambda: run.sync.failed_attempts >= 1, "the upload never failed after the server was killed")
     run.sync.close()  # the training process dies before the server is back
     lines = upload_lines(capfd, 2)
