@@ -2,8 +2,8 @@
 
     python -m stages.data --params params.yaml --out data/prepared
 
-Reads GSM8K through `datasets` (a local folder of train/test jsonl, or the hub id `openai/gsm8k`), writes
-`train.jsonl` (chat prompt with the system prompt from params, gold answer) and `eval/<set>.jsonl` for every set
+Reads GSM8K from a local folder of train/test jsonl (the shipped `data/gsm8k`), or through `datasets` for a hub id
+(`openai/gsm8k`), writes `train.jsonl` (chat prompt with the system prompt from params, gold answer) and `eval/<set>.jsonl` for every set
 in `evaluation.sets`: `questions` test questions drawn with the params' seed, each listed once (the baseline and
 evaluate stages answer each `samples` times).
 """
@@ -18,10 +18,9 @@ from grpo_gsm8k.io import atomic_output_dir, fail, read_jsonl, write_jsonl
 from grpo_gsm8k.params import DataParams, EvaluationParams, load_params
 
 
-def load_gsm8k(source: str, hub_config: str):
-    """Both splits as `datasets.DatasetDict`; a folder must hold train.jsonl and test.jsonl."""
-    from datasets import load_dataset
-
+def load_gsm8k(source: str, hub_config: str) -> dict:
+    """Both splits by name, each indexable by row (a list of rows, or a `datasets.Dataset` from the hub); a
+    folder must hold train.jsonl and test.jsonl."""
     folder = Path(source)
     if folder.is_dir():
         files = {split: folder / f"{split}.jsonl" for split in ("train", "test")}
@@ -29,12 +28,15 @@ def load_gsm8k(source: str, hub_config: str):
         if missing:
             raise FileNotFoundError(f"data.source={source!r} lacks {missing[0]}; "
                                     "point it at a folder with GSM8K's train.jsonl and test.jsonl")
-        for path in files.values():  # `datasets` would report a bad line by byte position only
-            read_jsonl(path, keys=("question", "answer"), fix=f"fix that line of data.source={source!r} "
-                       "or point data.source at an intact GSM8K folder (the shipped data/gsm8k)")
-        return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+        # Read here rather than through `datasets`: it reports a bad line by byte position only, and on a fresh
+        # cache it prints progress bars into what should be the stage's one error line.
+        return {split: read_jsonl(path, keys=("question", "answer"), fix=f"fix that line of data.source={source!r} "
+                                  "or point data.source at an intact GSM8K folder (the shipped data/gsm8k)")
+                for split, path in files.items()}
     if folder.suffix or source.startswith((".", "/")):
         raise FileNotFoundError(f"data.source={source!r} does not exist; fix the path or use 'openai/gsm8k'")
+    from datasets import load_dataset  # the hub path only: importing it costs seconds
+
     return load_dataset(source, hub_config)
 
 
