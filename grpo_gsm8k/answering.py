@@ -1,18 +1,21 @@
 """Answer an evaluation set: sample each question's completions, grade them, summarise.
 
 The baseline and evaluate stages differ only in the model they pass here, so both are graded by the same code.
+Beside the sampled answers, an optional greedy pass (temperature 0, one answer per question, same engine) and the
+standard-protocol columns of grpo_gsm8k.protocols (maj@k, pass@k, lm-eval's strict and flexible matches).
 Engines: "hf" is `model.generate`; "fast" is grpo_gsm8k.fastgen (static cache and CUDA graphs on a GPU).
 Each batch is seeded from (seed, batch index), so a rerun with the same params gives the same completions.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from grpo_gsm8k.grading import grade
 from grpo_gsm8k.params import GenerationParams
+from grpo_gsm8k.protocols import greedy_protocols, sampled_protocols
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ def _generate_batch(model, tokenizer, batch: list[list[int]], gen: GenerationPar
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=model.device)
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=model.device)
     torch.manual_seed(seed)
-    output = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                            temperature=gen.temperature, top_p=gen.top_p, top_k=0,
+    # temperature 0 is greedy decoding; model.generate refuses do_sample with temperature 0
+    sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0) if gen.temperature > 0 \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    output = model.generate(input_ids=input_ids, attention_mask=attention, **sampling,
                             max_new_tokens=gen.max_new_tokens, pad_token_id=pad)
     eos_ids = _eos_ids(model, tokenizer)
     completions = []
@@ -87,8 +92,9 @@ def answer_set(model, tokenizer, rows: list[dict], samples: int, gen: Generation
     return records
 
 
-def summarize(records: list[dict]) -> dict:
-    """The metrics `dvc metrics show` and `dvc exp show` list for one model on one set."""
+def summarize(records: list[dict], greedy_records: list[dict] | None = None) -> dict:
+    """The metrics `dvc metrics show` and `dvc exp show` list for one model on one set; greedy_records is the
+    temperature-0 pass (None where evaluation.greedy is off)."""
     total = len(records)
     correct = sum(r["correct"] for r in records)
     summary = {
@@ -107,7 +113,7 @@ def summarize(records: list[dict]) -> dict:
     }
     if records and "reward" in records[0]:
         summary["mean_reward"] = sum(r["reward"] for r in records) / total
-    return summary
+    return {**summary, **sampled_protocols(records), **greedy_protocols(greedy_records)}
 
 
 def run_answer_stage(base_dir, adapter_dir, eval_path, set_name: str, params, out_dir, reward_knobs=None) -> dict:
@@ -128,11 +134,14 @@ def run_answer_stage(base_dir, adapter_dir, eval_path, set_name: str, params, ou
     samples = params.evaluation.sets[set_name].samples
     label = "tuned" if adapter_dir else "base"
     records = answer_set(model, tokenizer, rows, samples, params.generation, params.seed, f"{label} {set_name}")
+    greedy = answer_set(model, tokenizer, rows, 1, replace(params.generation, temperature=0.0), params.seed,
+                        f"{label} {set_name} greedy") if params.evaluation.greedy else None
     if reward_knobs is not None:
         for record in records:
             record["reward"] = total_reward(record["completion"], record["gold"], record["n_tokens"], reward_knobs)
-    metrics = summarize(records)
+    metrics = summarize(records, greedy)
     with atomic_output_dir(Path(out_dir)) as tmp:
         write_jsonl(tmp / "completions.jsonl", records)
+        write_jsonl(tmp / "greedy.jsonl", greedy or [])  # empty where evaluation.greedy is off: a declared out
         write_json(tmp / "metrics.json", metrics)
     return metrics

@@ -46,6 +46,7 @@ class EvalSet:
 @dataclass(frozen=True)
 class EvaluationParams:
     sets: dict[str, EvalSet]
+    greedy: bool  # also answer each question once at temperature 0 (greedy accuracy)
 
     def validate(self) -> None:
         _check(bool(self.sets), "evaluation.sets is empty; name at least one set, e.g. study: {questions: 20, samples: 5}")

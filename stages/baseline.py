@@ -3,8 +3,10 @@
     python -m stages.baseline --set study --model models/base --eval data/prepared/eval/study.jsonl \
         --out results/baseline/study
 
-Writes `completions.jsonl` (question, completion, extracted answer, grade, ambiguity flag, both graders' verdicts)
-and `metrics.json` (correct / total and the format, length and truncation rates).
+Writes `completions.jsonl` (question, completion, extracted answer, grade, ambiguity flag, both graders' verdicts),
+`greedy.jsonl` (the same for one temperature-0 answer per question; empty when evaluation.greedy is off) and
+`metrics.json`: correct / total of the sampled answers, the format, length and truncation rates, and the
+standard-protocol columns of grpo_gsm8k.protocols (greedy, maj@k, pass@k, pass@1, lm-eval strict / flexible).
 """
 from __future__ import annotations
 

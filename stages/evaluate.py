@@ -3,8 +3,9 @@
     python -m stages.evaluate --set study --model models/base --adapter models/adapter \
         --eval data/prepared/eval/study.jsonl --out results/evaluate/study
 
-Same outputs as the baseline stage, graded by the same code, plus each completion's total reward under the
-params' reward variant (for the reward-hacking audit of `dvc exp show`).
+Same outputs as the baseline stage (completions.jsonl, greedy.jsonl, metrics.json with the standard-protocol
+columns), graded by the same code, plus each sampled completion's total reward under the params' reward variant
+(for the reward-hacking audit of `dvc exp show`).
 """
 from __future__ import annotations
 

@@ -96,12 +96,38 @@ def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert distance_from_init(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) > MOVED
     after = evaluate.run(params, "study", tmp_path / "base", tmp_path / "adapter", eval_path, tmp_path / "evaluate")
     assert after["total"] == 6 and "mean_reward" in after
+    assert set(PROTOCOL_FIELDS) <= set(json.loads((tmp_path / "evaluate" / "metrics.json").read_text()))
     rows = read_jsonl(tmp_path / "evaluate" / "completions.jsonl")
     assert {"correct", "mv_correct", "ambiguous", "extracted", "n_tokens", "truncated", "reward"} <= set(rows[0])
     # Same seed, same params: the baseline's completions are identical on a rerun.
     baseline.run(params, "study", tmp_path / "base", eval_path, tmp_path / "baseline2")
     assert (tmp_path / "baseline2" / "completions.jsonl").read_bytes() == \
         (tmp_path / "baseline" / "completions.jsonl").read_bytes()
+
+
+# The standard-protocol columns (grpo_gsm8k.protocols) each of baseline's and evaluate's metrics.json carries.
+PROTOCOL_FIELDS = ("greedy_correct", "greedy_accuracy", "samples_per_question", "maj_at_k_correct",
+                   "maj_at_k_accuracy", "pass_at_k_accuracy", "pass_at_1_accuracy", "lm_eval_strict_correct",
+                   "lm_eval_strict_accuracy", "lm_eval_flexible_correct", "lm_eval_flexible_accuracy")
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_baseline_writes_the_protocol_columns(tmp_path, tiny_model_dir, greedy):
+    """Beside the sampled accuracy: greedy (one temperature-0 answer per question, in greedy.jsonl), maj@k,
+    pass@k and pass@1 over the k samples, and lm-eval's strict and flexible matches."""
+    params = tiny_params(tmp_path, tiny_model_dir, **{"evaluation.greedy": greedy})
+    data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
+    prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
+    baseline.run(params, "study", tmp_path / "base", tmp_path / "prepared" / "eval" / "study.jsonl", tmp_path / "out")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(PROTOCOL_FIELDS) <= set(metrics)
+    assert metrics["samples_per_question"] == 2
+    assert metrics["pass_at_1_accuracy"] == pytest.approx(metrics["accuracy"])  # every question has k answers
+    greedy_rows = read_jsonl(tmp_path / "out" / "greedy.jsonl") if greedy else []
+    assert len(greedy_rows) == (3 if greedy else 0)
+    assert (tmp_path / "out" / "greedy.jsonl").is_file()  # a declared out, empty when evaluation.greedy is off
+    assert (metrics["greedy_accuracy"] is None) is not greedy
+    assert all(r["sample"] == 0 for r in greedy_rows)  # one answer per question
 
 
 @pytest.mark.slow
