@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as `python bench/gpu_smoke.py`: the project's package sits one level up
 STAGE_RE = re.compile(r"Running stage '([^']+)'")
 STEP_TIME_RE = re.compile(r"'step_time': '([0-9.]+)'")
 
