@@ -203,3 +203,48 @@ def plot_training(path: Path, curves: dict[str, pd.DataFrame]) -> None:
             fig.savefig(path, dpi=DPI, metadata={"Software": None})
         finally:
             plt.close(fig)
+
+
+def signal_panels(curves: dict[str, pd.DataFrame]) -> list[tuple[str, list[str]]]:
+    """(title, curve names) of each learning-signal panel that has data, in reading order: the shares of groups
+    without reward spread and of truncated completions, each reward component's mean (its std drawn as a band),
+    the mean completion length and the LoRA update norm."""
+    from grpo_gsm8k.train_diagnostics import MEANS, UPDATE_NORM
+
+    components = sorted(n for n in curves if n.startswith("rewards/") and n.endswith("/mean"))
+    panels = [("share of groups / completions", [MEANS["zero_std_share"], MEANS["clipped_share"]]),
+              ("reward components (mean ± std)", components),
+              ("mean completion length (tokens)", [MEANS["mean_completion_length"]]),
+              ("LoRA update norm ||scale·BA||", [UPDATE_NORM])]
+    return [(title, [n for n in names if n in curves]) for title, names in panels
+            if any(n in curves for n in names)]
+
+
+SIGNAL_LABELS = {"frac_reward_zero_std": "groups with identical rewards", "completions/clipped_ratio":
+                 "completions cut at max length"}
+
+
+def plot_signal(path: Path, curves: dict[str, pd.DataFrame]) -> None:
+    """The learning-signal diagnostics per logged step (see signal_panels); call only when signal_panels is not
+    empty."""
+    panels = signal_panels(curves)
+    with _figure(path, ncols=len(panels), width=4.2 * len(panels), height=4.0) as (fig, axes):
+        for ax, (title, names) in zip(axes, panels):
+            for name in names:
+                curve = curves[name]
+                label = SIGNAL_LABELS.get(name, name.removeprefix("rewards/").removesuffix("/mean"))
+                line, = ax.plot(curve.step, curve.value, marker="o" if len(curve) < 30 else None, markersize=3,
+                                label=label)
+                spread = curves.get(name.removesuffix("/mean") + "/std") if name.endswith("/mean") else None
+                if spread is not None:
+                    band = curve.merge(spread, on="step", suffixes=("", "_std"))
+                    ax.fill_between(band.step, band.value - band.value_std, band.value + band.value_std,
+                                    color=line.get_color(), alpha=0.2)
+            if names[0] in SIGNAL_LABELS:
+                ax.set_ylim(-0.05, 1.05)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("training step")
+            if len(names) > 1:
+                ax.legend(fontsize=8, loc="best")
+        steps = max(len(curves[n]) for _, names in panels for n in names)
+        fig.suptitle(f"GRPO learning signal (dvclive; n = {steps} logged steps)")

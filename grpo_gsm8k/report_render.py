@@ -8,6 +8,7 @@ the published study's, always labelled as published. The number formats (`fmt_p`
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import re
@@ -29,7 +30,11 @@ CAPTIONS = {
     "paired_questions.png": "Each question's score under the base model against its score under the tuned model.",
     "lengths.png": "Completion lengths in tokens, per model and by correctness.",
     "training.png": "GRPO training curves from the dvclive log, against the optimizer step.",
+    "signal.png": "Learning signal per logged step: share of groups whose completions all got the same reward "
+                  "(no advantage, nothing to learn) and of completions cut at the length cap; each reward "
+                  "component's mean (band: its spread); mean completion length; norm of the LoRA update.",
 }
+TRAINING_FIGURES = ("signal.png", "training.png")  # shown once, in the training section
 SENSITIVITY = {"primary": "primary extractor", "ambiguous_as_correct": "ambiguous answers counted correct",
                "ambiguous_as_wrong": "ambiguous answers counted wrong",
                "math_verify": "math-verify instead of the extractor"}
@@ -193,6 +198,67 @@ def sensitivity_table(st: dict, conf: str) -> list[str]:
     return lines
 
 
+def _rate_cell(rows: dict, model: str) -> str:
+    c, w = rows["counts"][model], rows["wilson"][model]
+    return f"{fmt_count(c['count'], c['total'])} ({fmt_pct(rows['proportions'][model])}) " \
+           f"{fmt_interval(w['low'], w['high'])}"
+
+
+def behaviours_table(st: dict, conf: str) -> list[str]:
+    """Accuracy and the rewarded behaviours, each before vs after with the same tests."""
+    b = st["behaviours"]
+    lines = header("Behaviour", f"Base ({conf} Wilson)", f"Tuned ({conf} Wilson)", f"Difference ({conf} bootstrap)",
+                   "Two-proportion p", "Paired t p", "Wilcoxon p")
+    accuracy = {"counts": {m: {"count": c["correct"], "total": c["total"]} for m, c in st["counts"].items()},
+                "proportions": st["proportions"], "wilson": st["wilson"]}
+    named = [("Correct answers (accuracy)", accuracy, st), ("Full format (all three format-reward parts)",
+                                                             b["full_format"], b["full_format"]),
+             (f"Shorter than reward.min_tokens = {b['short']['min_tokens']} tokens", b["short"], b["short"])]
+    for label, rates, tests in named:
+        boot, pq = tests["bootstrap"], tests["per_question"]
+        lines.append(row(label, _rate_cell(rates, "base"), _rate_cell(rates, "tuned"),
+                         f"{fmt_pp(boot['diff'])} {fmt_interval(boot['ci_low'], boot['ci_high'], fmt_pp)}",
+                         fmt_p(tests["two_proportion"]["p"], tests["two_proportion"]["note"]),
+                         fmt_p(pq["p_t"], pq["note_t"]), fmt_p(pq["p_wilcoxon"], pq["note_wilcoxon"])))
+    length = b["length"]
+    boot, pq = length["bootstrap"], length["per_question"]
+    tokens = functools.partial(fmt_num, digits=1)
+    lines.append(row("Mean completion length (tokens; per-question means paired)", tokens(length["means"]["base"]),
+                     tokens(length["means"]["tuned"]),
+                     f"{boot['diff']:+.1f} {fmt_interval(boot['ci_low'], boot['ci_high'], tokens)}", "-",
+                     fmt_p(pq["p_t"], pq["note_t"]), fmt_p(pq["p_wilcoxon"], pq["note_wilcoxon"])))
+    return lines
+
+
+def _change_text(rows: dict, fmt=fmt_pct, before: str = "", after: str = "") -> str:
+    verdict = rows["verdict"]
+    base, tuned = (rows["means"] if "means" in rows else rows["proportions"]).values()
+    return f"{before}{fmt(base)} → {fmt(tuned)}{after}, per-question {p_is(verdict['p'])}"
+
+
+def degenerate_sentence(st: dict) -> str:
+    """In words, when answers got significantly shorter or more formatted while accuracy did not improve; else ""."""
+    b = st["behaviours"]
+    if not b["degenerate"]["degenerate"]:
+        return ""
+    shorter = []
+    if b["length"]["verdict"]["direction"] < 0:
+        shorter.append(_change_text(b["length"], lambda x: fmt_num(x, 1), "mean ", " tokens"))
+    if b["short"]["verdict"]["direction"] > 0:
+        shorter.append(_change_text(b["short"], before=f"under reward.min_tokens = {b['short']['min_tokens']} "
+                                                       "tokens: "))
+    changes = [f"significantly shorter ({'; '.join(shorter)})"] if shorter else []
+    if b["degenerate"]["more_formatted"]:
+        changes.append(f"significantly more often fully formatted ({_change_text(b['full_format'])})")
+    accuracy = b["accuracy_verdict"]
+    worse = "got significantly worse" if accuracy["direction"] < 0 else "did not improve"
+    return (f"**Short, degenerate answers**: the tuned model's answers got {' and '.join(changes)} while accuracy "
+            f"{worse} ({fmt_pct(st['proportions']['base'])} → {fmt_pct(st['proportions']['tuned'])}, per-question "
+            f"{p_is(accuracy['p'])}): the reward was earned by the answers' form, not by solving more problems, the "
+            "seed study's \"short, degenerate answers\". Per-question p: the paired t-test, or the Wilcoxon test "
+            "where every question changed alike.")
+
+
 def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
     st, conf = s.stats, inputs.confidence
     metrics = {"base": s.base, "tuned": s.tuned}
@@ -215,6 +281,12 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
                          fmt_num(s.tuned["mean_reward"])))
     power, grading = st["power"], st["grading"]
     needed = power["questions_needed"]
+    lines += ["", f"### Rewarded behaviours beside accuracy: {s.name}", "",
+              "What the reward pays for, tested like accuracy: the share of completions earning the whole format "
+              "reward, the share under the length gate (tokens counted as the reward counts them, EOS included) "
+              "and the mean length.", "", *behaviours_table(st, conf)]
+    if sentence := degenerate_sentence(st):
+        lines += ["", sentence]
     lines += ["", f"### Tests: {s.name}", "", *tests_table(st, conf), "",
               f"**Power**: effect size h = {fmt_num(power['effect_size_h'])}, ICC = {fmt_num(power['icc'])} (design "
               f"effect {fmt_num(power['design_effect'])}, effective sample {fmt_num(power['effective_n_in_study'], 1)} "
@@ -226,11 +298,15 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
               f"and the extractor flags {grading['n_ambiguous']} as ambiguous. Each result under each way of "
               "counting:", "", *sensitivity_table(st, conf)]
     # The figures in reading order (accuracy first), any unknown ones after them.
-    order = sorted(st["figures"], key=lambda name: (list(CAPTIONS).index(name) if name in CAPTIONS else len(CAPTIONS),
-                                                   name))
-    for number, name in enumerate(order, 1):
-        lines += ["", f"![{name}]({s.figures[name]})", "",
-                  f"*Figure {s.name}-{number}: {CAPTIONS.get(name, name)}*"]
+    order = sorted((f for f in st["figures"] if f not in TRAINING_FIGURES),
+                   key=lambda name: (list(CAPTIONS).index(name) if name in CAPTIONS else len(CAPTIONS), name))
+    return lines + figure_lines(s, order, s.name)
+
+
+def figure_lines(s: SetResults, names, label: str) -> list[str]:
+    lines = []
+    for number, name in enumerate(names, 1):
+        lines += ["", f"![{name}]({s.figures[name]})", "", f"*Figure {label}-{number}: {CAPTIONS.get(name, name)}*"]
     return lines
 
 

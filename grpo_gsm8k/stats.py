@@ -144,33 +144,90 @@ def gee_logistic(correct: Sequence[int], tuned: Sequence[int], cluster: Sequence
             "converged": converged, "note": "; ".join(messages)}
 
 
+def _resampled_ratios(values: Sequence[Sequence[float]], counts: Sequence[Sequence[float]], samples: int,
+                      seed: int) -> list[np.ndarray]:
+    """Per model, `samples` ratios sum(value) / sum(count) over questions drawn with replacement; the same draws
+    serve every model, so each question keeps its base and tuned answers together."""
+    arrays = [(np.asarray(v, float), np.asarray(c, float)) for v, c in zip(values, counts)]
+    size = arrays[0][0].size
+    rng = np.random.default_rng(seed)
+    drawn: list[list[np.ndarray]] = [[] for _ in arrays]
+    for start in range(0, samples, BOOTSTRAP_BLOCK):
+        idx = rng.integers(0, size, size=(min(BOOTSTRAP_BLOCK, samples - start), size))
+        for out, (v, c) in zip(drawn, arrays):
+            out.append(v[idx].sum(1) / c[idx].sum(1))
+    return [np.concatenate(out) for out in drawn]
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def _bootstrap_result(base: np.ndarray, tuned: np.ndarray, diff: float, samples: int, seed: int, alpha: float,
+                      notes: list[str]) -> dict:
+    diff_low, diff_high = _percentile_interval(tuned - base, alpha)
+    base_low, base_high = _percentile_interval(base, alpha)
+    tuned_low, tuned_high = _percentile_interval(tuned, alpha)
+    return {"diff": float(diff), "ci_low": diff_low, "ci_high": diff_high,
+            "base": {"low": base_low, "high": base_high}, "tuned": {"low": tuned_low, "high": tuned_high},
+            "samples": int(samples), "seed": int(seed), "method": "percentile, questions resampled",
+            "note": "; ".join(notes)}
+
+
 def cluster_bootstrap(base_correct: Sequence[int], base_n: Sequence[int], tuned_correct: Sequence[int],
                       tuned_n: Sequence[int], samples: int, seed: int, alpha: float = 0.05) -> dict:
     """Percentile intervals from resampling questions with replacement (each question keeps its base and tuned
     answers together), for each model's accuracy and for the difference tuned - base."""
     bc, bn, tc, tn = (np.asarray(a, float) for a in (base_correct, base_n, tuned_correct, tuned_n))
-    rng = np.random.default_rng(seed)
-    base_acc, tuned_acc = [], []
-    for start in range(0, samples, BOOTSTRAP_BLOCK):
-        idx = rng.integers(0, bc.size, size=(min(BOOTSTRAP_BLOCK, samples - start), bc.size))
-        base_acc.append(bc[idx].sum(1) / bn[idx].sum(1))
-        tuned_acc.append(tc[idx].sum(1) / tn[idx].sum(1))
-    base_acc, tuned_acc = np.concatenate(base_acc), np.concatenate(tuned_acc)
-
-    def interval(values: np.ndarray) -> tuple[float, float]:
-        low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-        return float(low), float(high)
-
-    diff_low, diff_high = interval(tuned_acc - base_acc)
-    base_low, base_high = interval(base_acc)
-    tuned_low, tuned_high = interval(tuned_acc)
+    base_acc, tuned_acc = _resampled_ratios((bc, tc), (bn, tn), samples, seed)
     notes = ["one question: every resample is identical, the interval is a point"] if bc.size == 1 else []
     notes += [f"{model} scored {acc:.0%}: its resamples cannot vary, so its interval is a point (use Wilson)"
               for model, acc in (("base", bc.sum() / bn.sum()), ("tuned", tc.sum() / tn.sum())) if acc in (0, 1)]
-    return {"diff": float(tc.sum() / tn.sum() - bc.sum() / bn.sum()), "ci_low": diff_low, "ci_high": diff_high,
-            "base": {"low": base_low, "high": base_high}, "tuned": {"low": tuned_low, "high": tuned_high},
-            "samples": int(samples), "seed": int(seed), "method": "percentile, questions resampled",
-            "note": "; ".join(notes)}
+    return _bootstrap_result(base_acc, tuned_acc, tc.sum() / tn.sum() - bc.sum() / bn.sum(), samples, seed, alpha,
+                             notes)
+
+
+def cluster_bootstrap_mean(base_sum: Sequence[float], base_n: Sequence[int], tuned_sum: Sequence[float],
+                           tuned_n: Sequence[int], samples: int, seed: int, alpha: float = 0.05) -> dict:
+    """cluster_bootstrap for a mean per answer (e.g. tokens): each question contributes the sum of its answers'
+    values and its number of answers, so the resampled statistic is the answer-weighted mean, as reported."""
+    bs, bn, ts, tn = (np.asarray(a, float) for a in (base_sum, base_n, tuned_sum, tuned_n))
+    base_mean, tuned_mean = _resampled_ratios((bs, ts), (bn, tn), samples, seed)
+    notes = ["one question: every resample is identical, the interval is a point"] if bs.size == 1 else []
+    notes += [f"every question has the same {model} mean ({values[0]:g}): its resamples cannot vary, so its "
+              "interval is a point" for model, values in (("base", bs / bn), ("tuned", ts / tn))
+              if values.size > 1 and np.all(values == values[0])]
+    return _bootstrap_result(base_mean, tuned_mean, ts.sum() / tn.sum() - bs.sum() / bn.sum(), samples, seed,
+                             alpha, notes)
+
+
+def per_question_p(per_question: dict) -> tuple[float | None, str]:
+    """The p of the per-question comparison and its test: the paired t-test's, or the Wilcoxon signed-rank's where t
+    is undefined (every question changed by the same amount, e.g. 0% -> 100% formatted: the clearest change)."""
+    p_t = per_question.get("p_t")
+    if p_t is not None and math.isfinite(p_t):
+        return float(p_t), "paired t-test"
+    p_w = per_question.get("p_wilcoxon")
+    return (float(p_w) if p_w is not None and math.isfinite(p_w) else None), "Wilcoxon signed-rank test"
+
+
+def verdict(diff: float | None, p: float | None, alpha: float) -> dict:
+    """Did a before -> after change pass the test at alpha, and which way: direction is +1, -1 or 0."""
+    finite = diff is not None and math.isfinite(diff) and p is not None and math.isfinite(p)
+    significant = bool(finite and p < alpha and diff != 0)
+    return {"diff": diff, "p": p, "alpha": alpha, "significant": significant,
+            "direction": int(np.sign(diff)) if significant else 0}
+
+
+def degenerate_shift(accuracy: dict, mean_length: dict, short_share: dict, full_format: dict) -> dict:
+    """The seed study's failure, from four verdicts: answers significantly shorter (mean length down, or more of
+    them under reward.min_tokens) or more often fully formatted, while accuracy did not significantly improve."""
+    shorter = mean_length["direction"] < 0 or short_share["direction"] > 0
+    more_formatted = full_format["direction"] > 0
+    improved = accuracy["direction"] > 0
+    return {"shorter": shorter, "more_formatted": more_formatted, "accuracy_improved": improved,
+            "degenerate": (shorter or more_formatted) and not improved}
 
 
 def icc_anova(clusters: Sequence[Sequence[float]], strata: Sequence[object]) -> dict:

@@ -35,6 +35,12 @@ from grpo_gsm8k.stats import wilson_interval  # noqa: E402
 
 MODELS = ("base", "tuned")
 P_VALUES = ("p_two_proportion", "p_paired_t", "p_wilcoxon", "p_gee", "p_mcnemar")
+# The stats stage's headline numbers of the rewarded behaviours (stages/stats.py behaviour_headline); an experiment
+# run before they existed shows n/a.
+BEHAVIOUR_RATES = {"full_format_rate": "full format", "short_share": "under reward.min_tokens"}
+BEHAVIOUR_KEYS = (*(f"{key}_{end}" for key in BEHAVIOUR_RATES for end in ("base", "tuned")),
+                  *(f"p_{key}{end}" for key in BEHAVIOUR_RATES for end in ("", "_two_proportion")),
+                  "p_mean_tokens", "p_accuracy_per_question", "degenerate")
 DONE_STATES = (None, "success")  # executor None: run in the workspace and finished
 NO_EXPERIMENTS = ("no DVC experiment has results/stats/{set}-metrics.json; run one per variant first, e.g. "
                   "`dvc exp run -S reward.variant=naive` (variants: {variants})")
@@ -135,6 +141,7 @@ def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], li
                      **_model_numbers("tuned", exp["metrics"][paths["tuned"]], alpha),
                      "difference": stats.get("difference"), "diff_low": stats.get("difference_ci_low"),
                      "diff_high": stats.get("difference_ci_high"), **{p: stats.get(p) for p in P_VALUES},
+                     **{key: stats.get(key) for key in BEHAVIOUR_KEYS},
                      "mean_reward": exp["metrics"][paths["tuned"]].get("mean_reward")})
     order = list(VARIANTS)
     rows.sort(key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order), r["variant"],
@@ -207,6 +214,33 @@ def audit_table(rows: list[dict], lengths: dict[str, dict | None]) -> list[str]:
     return lines
 
 
+def _tested_change(before, after, p, *p_z, fmt=fmt_pct) -> str:
+    """'a → b (per-question p = ...; z-test p = ...)'; the z-test part only for rates (p_z given, maybe None)."""
+    z_test = f"; z-test p = {fmt_p(p_z[0])}" if p_z else ""
+    return f"{fmt(before)} → {fmt(after)} (per-question p = {fmt_p(p)}{z_test})"
+
+
+def _degenerate_cell(flag) -> str:
+    if flag is None:
+        return "n/a"
+    return "**yes**: shorter or more formatted, accuracy not better" if flag else "no"
+
+
+def behaviours_table(rows: list[dict]) -> list[str]:
+    """Accuracy and each rewarded behaviour before → after with its tests, as the report's rows, per experiment."""
+    lines = header("experiment", "variant", "accuracy", *BEHAVIOUR_RATES.values(), "mean tokens",
+                   "short, degenerate answers?")
+    for r in rows:
+        rates = [_tested_change(r[f"{key}_base"], r[f"{key}_tuned"], r[f"p_{key}"], r[f"p_{key}_two_proportion"])
+                 for key in BEHAVIOUR_RATES]
+        lines.append(row(r["name"], r["variant"],
+                         _tested_change(r["base_accuracy"], r["tuned_accuracy"], r["p_accuracy_per_question"],
+                                        r["p_two_proportion"]), *rates,
+                         _tested_change(r["base_mean_tokens"], r["tuned_mean_tokens"], r["p_mean_tokens"],
+                                        fmt=lambda x: fmt_num(x, 1)), _degenerate_cell(r["degenerate"])))
+    return lines
+
+
 def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str) -> str:
     no_lengths = [r["name"] for r in rows if lengths.get(r["rev"]) is None]
     lines = [f"# Reward variants on the `{set_name}` evaluation set", "",
@@ -214,6 +248,12 @@ def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_nam
              "before = base model, after = GRPO-tuned. Settings lists the params that differ between experiments.",
              "", "## Accuracy", "", *accuracy_table(rows), "",
              f"![Accuracy and completion length per variant]({figure})", "",
+             "## Rewarded behaviours beside accuracy", "",
+             "The stats stage's tests of what the reward pays for, base → tuned: the share of completions earning "
+             "the whole format reward, the share under reward.min_tokens (tokens as the reward counts them) and the "
+             "mean length (per-question p: paired t-test, or Wilcoxon where every question changed alike). The "
+             "last column flags the seed study's failure: answers significantly shorter or more often formatted "
+             "while accuracy did not significantly improve.", "", *behaviours_table(rows), "",
              "## Reward-hacking audit", "",
              "Naive rewards let the policy collapse to short, degenerate answers. Columns with → read base → "
              "tuned; watch for the tuned model getting shorter, more often well-formatted but wrong, or more often "

@@ -2,9 +2,9 @@
 
     python -m stages.report --results results --figures reports/figures --out reports [--params params.yaml]
 
-Reads params.yaml, results/train/summary.json, results/select.json and, for each evaluation set, the baseline
-and evaluate metrics, the stats JSON, its swaps JSON and its figures. Writes reports/report.md and
-reports/report.html (figures inlined as base64) together or not at all; a missing or stale input is one error
+Reads params.yaml, results/train/summary.json (with its learning-signal diagnostics), results/select.json and,
+for each evaluation set, the baseline and evaluate metrics, the stats JSON, its swaps JSON and its figures.
+Writes reports/report.md and reports/report.html (figures inlined as base64) together or not at all; a missing or stale input is one error
 line naming the file and the stage that writes it. Also reports/report.pdf when `report.pdf` is true and
 weasyprint is installed (not a DVC output). No timestamps: the same inputs give byte-identical files.
 This file composes the narrative sections; tables and number formats live in grpo_gsm8k/report_render.py.
@@ -19,9 +19,11 @@ from pathlib import Path
 
 from grpo_gsm8k.io import atomic_file, fail
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.report_render import (ReportInputs, SetResults, design_text, fmt_count, fmt_interval, fmt_num,
-                                      fmt_param, fmt_pct, fmt_pp, md_escape, model_name, model_parameters, p_is,
-                                      render_html, reward_phrase, set_results, stat_notes, swaps)
+from grpo_gsm8k.report_render import (TRAINING_FIGURES, ReportInputs, SetResults, degenerate_sentence, design_text,
+                                      figure_lines, fmt_count, fmt_interval, fmt_num, fmt_param, fmt_pct, fmt_pp,
+                                      header, md_escape, model_name, model_parameters, p_is, render_html,
+                                      reward_phrase, row, set_results, stat_notes, swaps)
+from grpo_gsm8k.train_diagnostics import no_signal_warning
 
 # The published study, quoted as the reference only, never as this run's result.
 PUBLISHED = ("Llama-3.1-8B-Instruct, 72-73/100 correct before and 92/100 after GRPO with length-gated rewards; "
@@ -30,12 +32,13 @@ SMALL_MODEL_PARAMS = 1e9  # below this GSM8K accuracy is too low for the study's
 FEW_STEPS = 100  # GRPO steps below which the adapters barely move
 KEYS = {  # what each input must hold, checked up front so a stale file is a clear error, not a KeyError
     "train": ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
-              "uploaded_steps", "remote"),
+              "uploaded_steps", "remote", "zero_std_share", "clipped_share", "mean_completion_length",
+              "lora_update_norm", "rewards"),
     "select": ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint"),
     "metrics": ("correct", "total", "format_rate", "mean_tokens", "truncated_rate", "ambiguous",
                 "math_verify_correct"),
     "stats": ("counts", "proportions", "wilson", "two_proportion", "per_question", "gee", "bootstrap", "mcnemar",
-              "power", "grading", "lengths", "design", "training", "figures"),
+              "power", "grading", "lengths", "design", "training", "figures", "behaviours"),
 }
 
 
@@ -124,6 +127,8 @@ def abstract(inputs: ReportInputs) -> list[str]:
             f"{p_is(pq['p_wilcoxon'], pq['note_wilcoxon'])}); clustered GEE odds ratio {fmt_num(gee['odds_ratio'])} "
             f"{fmt_interval(gee['ci_low'], gee['ci_high'], fmt_num)}, {p_is(gee['p'], gee['note'])}.")
     lines = ["## Abstract", "", text]
+    if sentence := degenerate_sentence(st):
+        lines += ["", sentence]
     reasons = demonstration_reasons(inputs.params)
     if reasons:
         lines += ["", f"**This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
@@ -183,6 +188,40 @@ def method(inputs: ReportInputs) -> list[str]:
             f"power from Cohen's h with the ICC design effect (target {fmt_pct(design['power_target'])})."]
 
 
+
+
+def signal_text(summary: dict) -> str:
+    """In words: did the groups carry reward spread, and how far did the adapter move from its initialisation."""
+    share, norm = summary["zero_std_share"], summary["lora_update_norm"]
+    if share is None and norm is None:
+        return ("No learning-signal diagnostics were logged (frac_reward_zero_std, lora/update_norm), so this report "
+                "cannot say whether training had a signal.")
+    moved = "n/a" if norm is None else f"{norm:.3g}"
+    shared = "an unknown share" if share is None else fmt_pct(share)
+    if no_signal_warning(summary):
+        return (f"**No learning signal**: {shared} of groups had identical rewards (frac_reward_zero_std, averaged "
+                f"over the logged steps): their advantages are zero, so GRPO had almost nothing to learn from and "
+                f"the adapter barely changed (LoRA update norm {moved}).")
+    return (f"{shared} of groups had identical rewards (frac_reward_zero_std, averaged over the logged steps), so the "
+            f"rest carried a learning signal; the adapter moved from its initialisation to a LoRA update norm of "
+            f"{moved}.")
+
+
+def training(inputs: ReportInputs) -> list[str]:
+    """The learning-signal diagnostics of the train stage's summary, in words, a table and the figures."""
+    summary = inputs.summary
+    lines = ["## Training", "", signal_text(summary), "",
+             "The norm is ||scale · B · A||_F summed over the LoRA layers: 0 at initialisation (peft starts B at 0), "
+             "so it says how far the adapter moved.", "", *header("Diagnostic (mean over logged steps)", "Value"),
+             row("Groups with identical rewards (frac_reward_zero_std)", fmt_pct(summary["zero_std_share"])),
+             row("Completions cut at max_completion_length (clipped_ratio)", fmt_pct(summary["clipped_share"])),
+             row("Mean completion length (tokens)", fmt_num(summary["mean_completion_length"], 1))]
+    for name, component in sorted(summary["rewards"].items()):
+        lines.append(row(f"Reward `{name}`: mean (spread within groups)",
+                         f"{fmt_num(component['mean'], 3)} ({fmt_num(component['std'], 3)})"))
+    lines.append(row("LoRA update norm (last logged step)", fmt_num(summary["lora_update_norm"], 4)))
+    s = inputs.headline
+    return lines + figure_lines(s, [f for f in TRAINING_FIGURES if f in s.stats["figures"]], "training")
 
 
 def analysis(inputs: ReportInputs) -> list[str]:
@@ -263,7 +302,8 @@ def limitations(inputs: ReportInputs) -> list[str]:
 def render_markdown(inputs: ReportInputs) -> str:
     params = inputs.params
     title = f"GRPO with {reward_phrase(params.reward.variant)} on GSM8K: {model_name(params.model.source)}"
-    parts = [[f"# {title}"], abstract(inputs), method(inputs), *[set_results(inputs, s) for s in inputs.sets],
+    parts = [[f"# {title}"], abstract(inputs), method(inputs), training(inputs),
+             *[set_results(inputs, s) for s in inputs.sets],
              analysis(inputs), *[swaps(s) for s in inputs.sets], selection(inputs), limitations(inputs)]
     return "\n\n".join("\n".join(part) for part in parts) + "\n"
 

