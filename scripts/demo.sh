@@ -13,12 +13,14 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1   # everything the preset needs is on disk
 python -m grpo_gsm8k.s3server start
 eval "$(python -m grpo_gsm8k.s3server env)"
-# `dvc exp run -S` writes the preset into params.yaml; keep the user's copy and put it back however the run ends.
+# The preset is written into params.yaml (its system prompt holds spaces, which `-S` on a command line would split)
+# and `dvc exp run` takes the workspace as it is; keep the user's copy and put it back however the run ends.
 saved="$(mktemp)"
 cp params.yaml "$saved"
 trap 'cp "$saved" params.yaml && rm -f "$saved"' EXIT
 dvc exp remove cpu-demo >/dev/null 2>&1 || true   # a rerun replaces the demo's experiment (unchanged stages are skipped)
-dvc exp run -n cpu-demo $(python -m grpo_gsm8k.preset cpu)
+python -m grpo_gsm8k.preset cpu --write params.yaml
+dvc exp run -n cpu-demo
 dvc push
 echo "demo: report at reports/report.html (experiment cpu-demo); outputs pushed to $(dvc remote list | head -n 1)"
 echo "demo: params.yaml is the study again; \`dvc exp show\` lists cpu-demo, \`dvc exp apply cpu-demo\` restores its params"
