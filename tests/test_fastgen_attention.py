@@ -117,7 +117,7 @@ def interpreter_checks() -> None:
     print("interpreter checks passed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (CPU-only torch)")
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: scripts/setup.sh installs it on CPU machines")
 def test_kernels_under_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", "from tests.test_fastgen_attention import interpreter_checks as c; "
