@@ -395,6 +395,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"stats: base {counts['base']['correct']}/{counts['base']['total']} -> tuned "
           f"{counts['tuned']['correct']}/{counts['tuned']['total']}; two-proportion p={tests['p']}, "
           f"per-question t p={result['per_question']['p_t']}, GEE p={result['gee']['p']}")
+    b = result["behaviours"]
+    print(f"stats: full format {b['full_format']['proportions']['base']:.3f} -> "
+          f"{b['full_format']['proportions']['tuned']:.3f} (p={b['full_format']['verdict']['p']}), under "
+          f"reward.min_tokens {b['short']['proportions']['base']:.3f} -> {b['short']['proportions']['tuned']:.3f} "
+          f"(p={b['short']['verdict']['p']}), mean tokens {b['length']['means']['base']:.1f} -> "
+          f"{b['length']['means']['tuned']:.1f} (p={b['length']['verdict']['p']})"
+          + ("; answers got shorter or more formatted while accuracy did not improve"
+             if b["degenerate"]["degenerate"] else ""))
 
 
 if __name__ == "__main__":

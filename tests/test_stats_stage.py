@@ -275,16 +275,21 @@ def test_main_takes_the_stats_section_and_seed_from_params(tmp_path, capsys):
     base = write_jsonl(tmp_path / "b.jsonl", make_records(0.3, seed=1, questions=5))
     tuned = write_jsonl(tmp_path / "t.jsonl", make_records(0.7, seed=2, questions=5))
     params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{
-        "seed": 7, "stats.alpha": 0.1, "stats.bootstrap_samples": 150, "stats.power_target": 0.9}))
+        "seed": 7, "stats.alpha": 0.1, "stats.bootstrap_samples": 150, "stats.power_target": 0.9,
+        "reward.min_tokens": 2}))
     stage.main(main_args(tmp_path, base, tuned, params))
     data = json.loads((tmp_path / "s.json").read_text())
     assert {key: data["design"][key] for key in ("seed", "alpha", "bootstrap_samples", "power_target")} == {
         "seed": 7, "alpha": 0.1, "bootstrap_samples": 150, "power_target": 0.9}
-    assert f"base {data['counts']['base']['correct']}/25" in capsys.readouterr().out
+    assert data["behaviours"]["short"]["min_tokens"] == 2  # the reward's gate, from params.yaml
+    out = capsys.readouterr().out
+    assert f"base {data['counts']['base']['correct']}/25" in out
+    assert f"mean tokens {data['behaviours']['length']['means']['base']:.1f} -> " in out
 
 
 def test_dvc_yaml_passes_no_params_on_the_command_line():
-    """The stage reads seed and stats from params.yaml (declared as its params), not from flags with defaults."""
+    """The stage reads seed, stats and reward.min_tokens from params.yaml (declared as its params), not from flags
+    with defaults."""
     stats = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["stats"]
     assert "${" not in stats["cmd"].replace("${item.set}", "")
-    assert stats["params"] == ["seed", "stats"]
+    assert stats["params"] == ["seed", "stats", "reward.min_tokens"]
