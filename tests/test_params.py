@@ -143,8 +143,9 @@ def test_stage_run_directly_on_invalid_yaml_prints_one_error_line(tmp_path, caps
 
 def test_yaml_exponent_without_dot_reads_as_float(tmp_path):
     path = tmp_path / "p.yaml"
-    write_params(path, cpu_params_dict())
-    path.write_text(path.read_text().replace("learning_rate: 5.0e-05", "learning_rate: 5e-5"))
+    write_params(path, cpu_params_dict(**{"train.learning_rate": 0.5}))
+    path.write_text(path.read_text().replace("learning_rate: 0.5", "learning_rate: 5e-5"))
+    assert "learning_rate: 5e-5" in path.read_text()  # PyYAML's YAML 1.1 reads 5e-5 (no dot) as a string
     assert load_params(path).train.learning_rate == 5e-5
 
 

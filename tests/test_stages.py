@@ -32,7 +32,9 @@ def tiny_params(tmp_path, model_dir, **overrides):
 def test_data_stage_writes_prompts_and_seeded_samples(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict()))
     counts = data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
-    assert counts == {"train": 200, "study": 20, "test": 20}
+    sets = params.evaluation.sets
+    assert counts == {"train": params.data.train_questions, "study": sets["study"].questions,
+                      "test": sets["test"].questions}
     study = read_jsonl(tmp_path / "prepared" / "eval" / "study.jsonl")
     assert len({row["qid"] for row in study}) == 20
     assert study[0]["prompt"][0] == {"role": "system", "content": params.data.system_prompt}

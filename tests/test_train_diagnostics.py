@@ -102,7 +102,7 @@ def test_train_stage_summarises_and_warns_on_a_run_without_signal(tmp_path, tiny
     params = load_params(write_params(tmp_path / "params.yaml", cpu_params_dict(**{
         "model.source": str(tiny_model_dir), "data.train_questions": 8, "train.max_steps": 1,
         "train.save_steps": 1, "train.max_completion_length": 8, "reward.min_tokens": 8,
-        "train.checkpoint_remote": "", "select.step": 1})))
+        "reward.full_tokens": 8, "train.checkpoint_remote": "", "select.step": 1})))
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     summary = train.run(params, tiny_model_dir, tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt",
                         tmp_path / "live", tmp_path / "summary.json")
