@@ -1,7 +1,7 @@
 """Presets: named sets of param overrides kept in presets/<name>.yaml (dotted keys, as `dvc exp run -S` takes).
 
-    dvc exp run $(python -m grpo_gsm8k.preset cpu)          # run the pipeline with the preset applied
-    python -m grpo_gsm8k.preset cpu --write params.yaml     # or write it into a params file, then `dvc repro`
+    dvc exp run $(python -m grpo_gsm8k.preset gpu-smoke)    # run the pipeline with the preset applied
+    python -m grpo_gsm8k.preset cpu --write params.yaml     # or write it into a params file, then `dvc repro`  (values with spaces: only this way)
 
 Each override must name an existing param, so a typo fails here instead of silently doing nothing.
 """
