@@ -171,8 +171,31 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
         avoid_cudnn_attention()
     compiled = compile_decoder_layers(model) if compile_layers else 0
     score_in_one_forward(trainer)
+    project_only_scored_positions()
     freeze_gc()
-    return {"compiled_layers": compiled, "cudnn_attention_off": cuda, "gc_frozen": True}
+    return {"compiled_layers": compiled, "cudnn_attention_off": cuda, "lm_head_scored_positions_only": True,
+            "gc_frozen": True}
+
+
+def project_only_scored_positions() -> bool:
+    """Make TRL's fused LM head project only the positions it scores (the completion tokens) on CPU too.
+
+    TRL 1.16 does so on CUDA and XPU, but on other devices it projects every position, prompt included, so that a
+    shape-compiling backend (its comment names Neuron) sees one tile shape. Eager CPU has no such compiler, and
+    the full projection is the larger part of the CPU preset's memory: its 16 x 159-token micro-batch (127 prompt
+    tokens) put 2,528 rows through the 49,152-word head in 316 MB fp32 tiles, where 512 rows are scored.
+    The log-probs and gradients are the same either way (tests/test_fastgen.py)."""
+    import trl.trainer.utils as trl_utils
+
+    trl_choice = trl_utils._use_triton  # the fused head's switch: True -> project the labelled positions only
+    if getattr(trl_choice, "cpu_too", False):
+        return
+
+    def cuda_xpu_or_cpu(device: torch.device) -> bool:
+        return device.type == "cpu" or trl_choice(device)
+
+    cuda_xpu_or_cpu.cpu_too = True
+    trl_utils._use_triton = cuda_xpu_or_cpu
 
 
 def score_in_one_forward(trainer) -> None:

@@ -268,7 +268,9 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
         return chunked(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
 
     trainer._get_per_token_logps_and_entropies = spy
-    assert speed_up_training(trainer) == {"compiled_layers": 0, "cudnn_attention_off": False, "gc_frozen": True}
+    monkeypatch.setattr("trl.trainer.utils._use_triton", trl_projects_only_scored_on)  # speed_up_training patches it
+    assert speed_up_training(trainer) == {"compiled_layers": 0, "cudnn_attention_off": False,
+                                          "lm_head_scored_positions_only": True, "gc_frozen": True}
     gc.unfreeze()
     trainer.train()
     assert (False, 8, 8) in calls  # the reference forward: 4 per device x 2 accumulation, at once
@@ -281,3 +283,50 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
         in_chunks = chunked(trainer.model, ids, mask, 5, batch_size=4)[0]
     assert calls[-1] == (False, 8, 8)
     torch.testing.assert_close(whole, in_chunks, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_lm_head_projects_only_the_completion_positions_on_cpu(monkeypatch):
+    """TRL's fused LM head on CPU projected every position, prompt included, through the vocabulary (the CPU
+    preset's memory peak); after project_only_scored_positions only the scored (completion) positions go through
+    it, with the same log-probs and the same LoRA gradients."""
+    import trl.trainer.utils as trl_utils
+
+    from grpo_gsm8k.fastgen_trl import project_only_scored_positions
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_projects_only_scored_on)  # restored after the test
+    tokenizer = tiny_tokenizer()
+    trainer = _trainer(with_lora(tiny_model(vocab_size=len(tokenizer), eos=tokenizer.eos_token_id)).train(),
+                       tokenizer, make_rollout_func(), [])
+    rows_projected = []
+    chunked = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *rest: rows_projected.append(hidden.shape[0]) or chunked(hidden, *rest))
+    ids = torch.randint(3, len(tokenizer), (4, 12))
+    mask = torch.ones_like(ids)
+    mask[:2, :3] = 0  # left-padded prompts
+    mask[1, -2:] = 0  # a completion that ended early
+    completion_length = 5
+
+    def logps_and_grads():
+        trainer.model.zero_grad()
+        logps = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, completion_length)[0]
+        logps.sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    every_position, grads_every = logps_and_grads()
+    project_only_scored_positions()
+    scored_only, grads_scored = logps_and_grads()
+    assert rows_projected[0] == 4 * 11  # before: every position but the last, prompts and padding included
+    assert rows_projected[1] == int(mask[:, -completion_length:].sum())  # after: the real completion tokens
+    torch.testing.assert_close(scored_only, every_position, rtol=1e-5, atol=1e-6)
+    assert grads_every.keys() == grads_scored.keys() and grads_every
+    for name in grads_every:
+        torch.testing.assert_close(grads_scored[name], grads_every[name], rtol=1e-4, atol=1e-6)
+
+
+def trl_projects_only_scored_on(device: torch.device) -> bool:
+    """TRL 1.16's own choice, as shipped (monkeypatch.setattr with it restores TRL's function after a test)."""
+    from trl.kernels.chunked_logprob import _use_triton
+
+    return _use_triton(device)
