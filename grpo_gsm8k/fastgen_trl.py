@@ -177,7 +177,7 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
             "gc_frozen": True}
 
 
-def project_only_scored_positions() -> bool:
+def project_only_scored_positions() -> None:
     """Make TRL's fused LM head project only the positions it scores (the completion tokens) on CPU too.
 
     TRL 1.16 does so on CUDA and XPU, but on other devices it projects every position, prompt included, so that a
