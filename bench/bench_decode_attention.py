@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from grpo_gsm8k import fastgen_attention as fa  # noqa: E402
+from grpo_gsm8k.fastgen import attention as fa  # noqa: E402
 
 SHAPES = [(24, 128), (24, 256), (24, 384), (120, 640), (240, 640)]  # (batch, attend_len): rollout, then eval
 TINY_SHAPES = [(2, 64), (3, 128)]

@@ -28,7 +28,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.bench_grpo_step import build_model, build_tokenizer, device_line, gsm8k_rows, sync  # noqa: E402
-from grpo_gsm8k.fastgen import FastGenerator  # noqa: E402
+from grpo_gsm8k.fastgen.generator import FastGenerator  # noqa: E402
 
 QUESTIONS, SAMPLES = 1319, 5
 

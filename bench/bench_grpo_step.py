@@ -223,7 +223,7 @@ def reference_lengths(tokenizer, scale: float, cap: int, n_rows: int = 7473) -> 
 def cut_to_lengths(samples: list, lengths: list[int], eos_id: int, max_new: int) -> list:
     """End each sample at its drawn length with EOS, as a model that stopped there would have; a sample that is
     already shorter (a real EOS) stays, and a drawn length at the cap keeps the sample truncated."""
-    from grpo_gsm8k.fastgen import Sample
+    from grpo_gsm8k.fastgen.generator import Sample
 
     cut = []
     for sample, n in zip(samples, lengths):
@@ -238,7 +238,7 @@ def emulate_lengths(pool: list[int], seed: int = 0) -> None:
     """Patch FastGenerator (in this bench process only) so completions end at lengths drawn from `pool`."""
     import random
 
-    from grpo_gsm8k import fastgen
+    from grpo_gsm8k.fastgen import generator as fastgen
 
     rng = random.Random(seed)
     cls = fastgen.FastGenerator
@@ -296,9 +296,9 @@ def run_engine(engine: str, cli) -> dict:
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_gsm8k.fastgen import fast_training_overrides, make_rollout_func
-    from grpo_gsm8k.fastgen_trl import (avoid_cudnn_attention, compile_decoder_layers, freeze_gc,
-                                        speed_up_training)
+    from grpo_gsm8k.training.speedups import fast_training_overrides
+    from grpo_gsm8k.fastgen.rollout import make_rollout_func
+    from grpo_gsm8k.training.speedups import avoid_cudnn_attention, compile_decoder_layers, freeze_gc, speed_up_training
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)

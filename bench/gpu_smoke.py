@@ -6,10 +6,10 @@
 What it does, in the working tree it is run in (the device tool's copy, which has no git history):
 1. makes the tree a git repository with one commit if it is none (`dvc exp run` needs one; `/.gpu/` excluded);
 2. puts `python` on PATH for the stage commands (the device image has only `python3`);
-3. starts the project's S3 server (`grpo_gsm8k.s3server`, SeaweedFS; `weed` from PATH or the venv) so the train
+3. starts the project's S3 server (`grpo_gsm8k.tools.s3server`, SeaweedFS; `weed` from PATH or the venv) so the train
    stage uploads its checkpoints as in the study; if it cannot start, the run continues with
    train.checkpoint_remote="" and the report says why;
-4. runs `dvc exp run $(python -m grpo_gsm8k.preset gpu-smoke)`;
+4. runs `dvc exp run $(python -m grpo_gsm8k.tools.preset gpu-smoke)`;
 5. reports each stage's wall time (from DVC's "Running stage" lines to the next), the train stage's per-step times
    (TRL's logged step_time), the metrics, and the checkpoints that reached S3 (complete = manifest.json present).
 
@@ -75,7 +75,7 @@ def tool_path() -> str:
 def start_s3(env: dict):
     """The project's S3 server on free ports, or (None, why) when it cannot start here."""
     try:
-        from grpo_gsm8k.s3server import S3Server, find_weed
+        from grpo_gsm8k.tools.s3server import S3Server, find_weed
 
         find_weed()
         server = S3Server(data_dir=Path("/tmp/gpu-smoke-s3"), port=0, bucket="grpo-gsm8k")
@@ -171,8 +171,8 @@ def main() -> None:
         params_file = ROOT / "params.yaml"
         params_file.write_text(re.sub(r"(?m)^(\s+checkpoint_remote:).*$", r'\1 ""', params_file.read_text()))
         print(f"gpu_smoke: no S3 ({why_no_s3}); train.checkpoint_remote set to \"\"", flush=True)
-    preset = sh(sys.executable, "-m", "grpo_gsm8k.preset", cli.preset, env=env).split()
-    command = f"dvc exp run $(python -m grpo_gsm8k.preset {cli.preset})"
+    preset = sh(sys.executable, "-m", "grpo_gsm8k.tools.preset", cli.preset, env=env).split()
+    command = f"dvc exp run $(python -m grpo_gsm8k.tools.preset {cli.preset})"
     print(f"gpu_smoke: {command} -> dvc exp run {' '.join(preset)}", flush=True)
     code, lines, total = run_dvc(["exp", "run", *preset], env, out / "gpu_smoke.log")
     uploaded = None

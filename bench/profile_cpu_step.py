@@ -2,7 +2,7 @@
 on a params file, with TRL's phases timed (rollout generation, old/ref log-probs + rewards, loss forward, backward
 + optimizer) and the process's RSS sampled every 50 ms.
 
-    python -m grpo_gsm8k.preset cpu --write /tmp/cpu.yaml
+    python -m grpo_gsm8k.tools.preset cpu --write /tmp/cpu.yaml
     python bench/profile_cpu_step.py --params /tmp/cpu.yaml --model models/base --data data/prepared/train.jsonl
 
 Run it after the model and data stages (it reads their outputs); it writes checkpoints nowhere that matters
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from grpo_gsm8k.fastgen_trl import speed_up_training
+from grpo_gsm8k.training.speedups import speed_up_training
 from grpo_gsm8k.params import load_params
 from stages.train import build_trainer
 

@@ -184,3 +184,8 @@ def _hub_commit(repo_id: str, revision: str) -> str:
                                f"cache and the hub is {state}; fix model.source, or download it first "
                                f"(huggingface-cli download {repo_id})")
     return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+
+
+def unwrap_causal_lm(model):
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

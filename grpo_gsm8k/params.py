@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo_gsm8k.rewards import RewardKnobs
+from grpo_gsm8k.science.rewards import RewardKnobs
 
 
 class ParamsError(ValueError):

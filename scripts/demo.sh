@@ -11,15 +11,15 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1   # everything the preset needs is on disk
-python -m grpo_gsm8k.s3server start
-eval "$(python -m grpo_gsm8k.s3server env)"
+python -m grpo_gsm8k.tools.s3server start
+eval "$(python -m grpo_gsm8k.tools.s3server env)"
 # The preset is written into params.yaml (its system prompt holds spaces, which `-S` on a command line would split)
 # and `dvc exp run` takes the workspace as it is; keep the user's copy and put it back however the run ends.
 saved="$(mktemp)"
 cp params.yaml "$saved"
 trap 'cp "$saved" params.yaml && rm -f "$saved"' EXIT
 dvc exp remove cpu-demo >/dev/null 2>&1 || true   # a rerun replaces the demo's experiment (unchanged stages are skipped)
-python -m grpo_gsm8k.preset cpu --write params.yaml
+python -m grpo_gsm8k.tools.preset cpu --write params.yaml
 dvc exp run -n cpu-demo
 dvc push
 echo "demo: report at reports/report.html (experiment cpu-demo); outputs pushed to $(dvc remote list | head -n 1)"

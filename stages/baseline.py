@@ -6,7 +6,7 @@
 Writes `completions.jsonl` (question, completion, extracted answer, grade, ambiguity flag, both graders' verdicts),
 `greedy.jsonl` (the same for one temperature-0 answer per question; empty when evaluation.greedy is off) and
 `metrics.json`: correct / total of the sampled answers, the format, length and truncation rates, and the
-standard-protocol columns of grpo_gsm8k.protocols (greedy, maj@k, pass@k, pass@1, lm-eval strict / flexible).
+standard-protocol columns of grpo_gsm8k.science.protocols (greedy, maj@k, pass@k, pass@1, lm-eval strict / flexible).
 """
 from __future__ import annotations
 

@@ -13,9 +13,10 @@ import argparse
 import random
 from pathlib import Path
 
-from grpo_gsm8k.grading import parse_gold
+from grpo_gsm8k.contracts import EVAL_FOLDER, TRAIN_PROMPTS
 from grpo_gsm8k.io import atomic_output_dir, fail, read_jsonl, write_jsonl
 from grpo_gsm8k.params import DataParams, EvaluationParams, load_params
+from grpo_gsm8k.science.grading import parse_gold
 
 
 def load_gsm8k(source: str, hub_config: str) -> dict:
@@ -74,13 +75,13 @@ def run(data: DataParams, evaluation: EvaluationParams, seed: int, out_dir: Path
     with atomic_output_dir(out_dir) as tmp:
         train_ids = choose(data.train_questions, len(train), random.Random(f"{seed}-train"),
                            "data.train_questions", "train")
-        write_jsonl(tmp / "train.jsonl", prepare_rows(train, data.system_prompt, train_ids))
+        write_jsonl(tmp / TRAIN_PROMPTS, prepare_rows(train, data.system_prompt, train_ids))
         counts["train"] = len(train_ids)
         for name, eval_set in evaluation.sets.items():
             # Each set gets its own stream so adding a set never changes another set's draw.
             ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"),
                          f"evaluation.sets.{name}.questions", "test")
-            write_jsonl(tmp / "eval" / f"{name}.jsonl", prepare_rows(test, data.system_prompt, ids))
+            write_jsonl(tmp / EVAL_FOLDER / f"{name}.jsonl", prepare_rows(test, data.system_prompt, ids))
             counts[name] = len(ids)
     return counts
 

@@ -1,13 +1,17 @@
 """Report stage: the study write-up (Markdown and self-contained HTML) from the pipeline's results.
 
-    python -m stages.report --results results --figures reports/figures --out reports [--params params.yaml]
+    python -m stages.report --summary results/train/summary.json --select results/select.json \
+        --baseline results/baseline --evaluate results/evaluate --stats results/stats \
+        --figures reports/figures --out reports [--params params.yaml]
 
 Reads params.yaml, results/train/summary.json (with its learning-signal diagnostics), results/select.json and,
 for each evaluation set, the baseline and evaluate metrics, the stats JSON, its swaps JSON and its figures.
-Writes reports/report.md and reports/report.html (figures inlined as base64) together or not at all; a missing or stale input is one error
-line naming the file and the stage that writes it. Also reports/report.pdf when `report.pdf` is true and
-weasyprint is installed (not a DVC output). No timestamps: the same inputs give byte-identical files.
-This file composes the narrative sections; tables and number formats live in grpo_gsm8k/report_render.py.
+Writes reports/report.md and reports/report.html (figures inlined as base64) together or not at all; a missing
+or stale input is one error line naming the file and the stage that writes it. Also reports/report.pdf when
+`report.pdf` is true and weasyprint is installed (not a DVC output). No timestamps: the same inputs give
+byte-identical files. This module reads and writes; the text is grpo_gsm8k/science/report_sections.py (sections),
+report_render.py (tables) and report_format.py (number formats, HTML); the file names inside each input folder are
+grpo_gsm8k/contracts.py's.
 """
 from __future__ import annotations
 
@@ -15,31 +19,27 @@ import argparse
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from grpo_gsm8k.contracts import (ANSWER_METRICS, ANSWER_METRICS_KEYS, SELECT_KEYS, STATS_KEYS, TRAIN_SUMMARY_KEYS,
+                                  stats_files)
 from grpo_gsm8k.io import atomic_file, fail
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.report_render import (TRAINING_FIGURES, ReportInputs, SetResults, degenerate_sentence, design_text,
-                                      figure_lines, fmt_count, fmt_interval, fmt_num, fmt_param, fmt_pct, fmt_pp,
-                                      header, md_escape, model_name, model_parameters, p_is, render_html,
-                                      reward_phrase, row, set_results, stat_notes, swaps)
-from grpo_gsm8k.train_diagnostics import no_signal_warning
+from grpo_gsm8k.science.report_format import fmt_count, render_html
+from grpo_gsm8k.science.report_render import ReportInputs, SetResults
+from grpo_gsm8k.science.report_sections import render_markdown
 
-# The published study, quoted as the reference only, never as this run's result.
-PUBLISHED = ("Llama-3.1-8B-Instruct, 72-73/100 correct before and 92/100 after GRPO with length-gated rewards; "
-             "two-proportion p = 0.0004, per-question p = 0.0256")
-SMALL_MODEL_PARAMS = 1e9  # below this GSM8K accuracy is too low for the study's effect to show
-FEW_STEPS = 100  # GRPO steps below which the adapters barely move
-KEYS = {  # what each input must hold, checked up front so a stale file is a clear error, not a KeyError
-    "train": ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
-              "uploaded_steps", "remote", "zero_std_share", "clipped_share", "mean_completion_length",
-              "lora_update_norm", "rewards"),
-    "select": ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint"),
-    "metrics": ("correct", "total", "format_rate", "mean_tokens", "truncated_rate", "ambiguous",
-                "math_verify_correct"),
-    "stats": ("counts", "proportions", "wilson", "two_proportion", "per_question", "gee", "bootstrap", "mcnemar",
-              "power", "grading", "lengths", "design", "training", "figures", "behaviours"),
-}
+@dataclass(frozen=True)
+class ReportSources:
+    """The outputs the report reads, each named in dvc.yaml: the train summary, select's record, the baseline and
+    evaluate folders (one <set>/ each), the stats folder and the stats figures folder (one <set>/ each)."""
+    summary: Path
+    select: Path
+    baseline: Path
+    evaluate: Path
+    stats: Path
+    figures: Path
 
 
 def load_json(path: Path, stage: str, keys: tuple[str, ...] = ()):
@@ -65,18 +65,19 @@ def check_counts(stats: dict, stats_path: Path, model: str, metrics: dict, metri
                          f"{metrics_path} says {fmt_count(*reported)}; rerun the stats stage (dvc repro)")
 
 
-def load_set(name: str, results: Path, figures: Path, out_dir: Path) -> tuple[SetResults, dict[str, Path]]:
-    paths = {"base": results / "baseline" / name / "metrics.json", "tuned": results / "evaluate" / name /
-             "metrics.json", "stats": results / "stats" / f"{name}.json"}
-    base = load_json(paths["base"], "baseline", KEYS["metrics"])
-    tuned = load_json(paths["tuned"], "evaluate", KEYS["metrics"])
-    stats = load_json(paths["stats"], "stats", KEYS["stats"])
-    swap_rows = load_json(results / "stats" / f"{name}-swaps.json", "stats")
+def load_set(name: str, sources: ReportSources, out_dir: Path) -> tuple[SetResults, dict[str, Path]]:
+    stats_paths = stats_files(sources.stats, name)
+    paths = {"base": sources.baseline / name / ANSWER_METRICS, "tuned": sources.evaluate / name / ANSWER_METRICS,
+             "stats": stats_paths["result"]}
+    base = load_json(paths["base"], "baseline", ANSWER_METRICS_KEYS)
+    tuned = load_json(paths["tuned"], "evaluate", ANSWER_METRICS_KEYS)
+    stats = load_json(paths["stats"], "stats", STATS_KEYS)
+    swap_rows = load_json(stats_paths["swaps"], "stats")
     check_counts(stats, paths["stats"], "base", base, paths["base"])
     check_counts(stats, paths["stats"], "tuned", tuned, paths["tuned"])
     images = {}
     for figure in stats["figures"]:
-        path = figures / name / figure
+        path = sources.figures / name / figure
         if not path.is_file():
             raise ValueError(f"{path} not found; the stats stage draws it (dvc repro)")
         images[figure] = path
@@ -84,228 +85,17 @@ def load_set(name: str, results: Path, figures: Path, out_dir: Path) -> tuple[Se
     return SetResults(name, base, tuned, stats, swap_rows, rel), {rel[f]: images[f] for f in images}
 
 
-def load_inputs(params_path: Path, results: Path, figures: Path, out_dir: Path) -> tuple[ReportInputs, dict]:
+def load_inputs(params_path: Path, sources: ReportSources, out_dir: Path) -> tuple[ReportInputs, dict]:
     """Everything the report reads, validated; returns the inputs and {relative image path: file}."""
     params = load_params(params_path)
-    summary = load_json(results / "train" / "summary.json", "train", KEYS["train"])
-    select = load_json(results / "select.json", "select", KEYS["select"])
+    summary = load_json(sources.summary, "train", TRAIN_SUMMARY_KEYS)
+    select = load_json(sources.select, "select", SELECT_KEYS)
     sets, images = [], {}
     for name in params.evaluation.sets:
-        results_of_set, set_images = load_set(name, results, figures, out_dir)
+        results_of_set, set_images = load_set(name, sources, out_dir)
         sets.append(results_of_set)
         images.update(set_images)
     return ReportInputs(params, summary, select, sets), images
-
-
-def demonstration_reasons(params) -> list[str]:
-    """Why this run can only demonstrate the machinery (empty when it is a full-size run)."""
-    reasons, size = [], model_parameters(params.model.source)
-    if "smollm" in params.model.source.lower() or (size is not None and size < SMALL_MODEL_PARAMS):
-        reasons.append(f"the model ({model_name(params.model.source)}) is far smaller than the study's 8B model")
-    if params.train.max_steps < FEW_STEPS:
-        reasons.append(f"train.max_steps={params.train.max_steps} is too few GRPO steps to move the adapters much "
-                       f"(fewer than {FEW_STEPS})")
-    return reasons
-
-
-def abstract(inputs: ReportInputs) -> list[str]:
-    s, conf = inputs.headline, inputs.confidence
-    st = s.stats
-    counts, wilson, boot, tp, pq, gee = (st[k] for k in ("counts", "wilson", "bootstrap", "two_proportion",
-                                                          "per_question", "gee"))
-
-    def model(m: str) -> str:
-        return (f"{fmt_count(counts[m]['correct'], counts[m]['total'])} ({fmt_pct(st['proportions'][m])}, "
-                f"{conf} Wilson interval {fmt_interval(wilson[m]['low'], wilson[m]['high'])})")
-
-    text = (f"We fine-tuned {model_name(inputs.params.model.source)} with GRPO and LoRA adapters for "
-            f"{inputs.summary['global_step']} steps and evaluated the adapters saved at step {inputs.select['step']}. "
-            f"On the *{s.name}* set ({design_text(st)}) the base model answered {model('base')} correctly and the "
-            f"tuned model {model('tuned')}: a difference of {fmt_pp(boot['diff'])} (cluster bootstrap {conf} interval "
-            f"{fmt_interval(boot['ci_low'], boot['ci_high'], fmt_pp)}). Two-proportion z-test "
-            f"{p_is(tp['p'], tp['note'])}; per-question paired t-test {p_is(pq['p_t'], pq['note_t'])} (Wilcoxon "
-            f"{p_is(pq['p_wilcoxon'], pq['note_wilcoxon'])}); clustered GEE odds ratio {fmt_num(gee['odds_ratio'])} "
-            f"{fmt_interval(gee['ci_low'], gee['ci_high'], fmt_num)}, {p_is(gee['p'], gee['note'])}.")
-    lines = ["## Abstract", "", text]
-    if sentence := degenerate_sentence(st):
-        lines += ["", sentence]
-    reasons = demonstration_reasons(inputs.params)
-    if reasons:
-        lines += ["", f"**This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
-                      "Details under Limitations."]
-    return lines
-
-
-def reward_text(r) -> str:
-    parts = [f"correctness {fmt_param(r.correct_value)} for a correct final answer at any length (no length gate)"]
-    if r.variant == "study":
-        parts = [f"correctness {fmt_param(r.correct_value)} for a correct final answer of at least {r.full_tokens} "
-                 f"tokens, {fmt_param(r.correct_value - r.short_penalty)} (short penalty "
-                 f"{fmt_param(r.short_penalty)}) from {r.min_tokens} to {r.full_tokens - 1} tokens, and 0 under "
-                 f"{r.min_tokens} tokens (the length gates) or when wrong"]
-    if r.variant != "correctness_only":
-        parts.append(f"format up to {fmt_param(r.format_max)} in three equal parts (a line starting with `####`, a "
-                     "plain number after the last `####`, that line being the last)")
-    return f"- **Rewards** (reward.variant = {r.variant}): " + "; ".join(parts) + "."
-
-
-def method(inputs: ReportInputs) -> list[str]:
-    p, summary = inputs.params, inputs.summary
-    t, g, design = p.train, p.generation, inputs.headline.stats["design"]
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
-    resumed = f"resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else "no resume"
-    where = f"uploaded to `{summary['remote']}` (steps {fmt_param(summary['uploaded_steps'])})" \
-        if summary["remote"] else "kept locally only"
-    sets = "; ".join(f"*{s.name}*: {design_text(s.stats)} (questions: {p.evaluation.sets[s.name].questions}, "
-                     f"samples: {p.evaluation.sets[s.name].samples})" for s in inputs.sets)
-    return ["## Method", "",
-            f"- **Model**: `{p.model.source}` (revision {p.model.revision}, {p.model.dtype}, device {p.model.device}).",
-            f"- **LoRA adapters**: rank {t.lora.r}, alpha {t.lora.alpha}, dropout {fmt_param(t.lora.dropout)}, "
-            f"target modules {fmt_param(t.lora.target_modules)}.",
-            f"- **GRPO** (TRL): {t.per_device_train_batch_size} completions per device x "
-            f"{t.gradient_accumulation_steps} gradient-accumulation steps x {t.num_processes} process(es) = "
-            f"{per_step} completions per optimizer step, i.e. {per_step // t.num_generations} prompts x "
-            f"{t.num_generations} generations; {t.max_steps} steps at learning rate {fmt_param(t.learning_rate)} "
-            f"({t.lr_scheduler_type}, {t.warmup_steps} warm-up steps); KL coefficient beta {fmt_param(t.beta)}; loss "
-            f"type {t.loss_type}; completions up to {t.max_completion_length} tokens at temperature "
-            f"{fmt_param(t.temperature)}; truncated completions {'masked' if t.mask_truncated_completions else 'kept'}"
-            f" in the loss. Training prompts: GSM8K train ({p.data.train_questions} questions); seed {p.seed}.",
-            f"- **Checkpointing**: every {t.save_steps} steps, the newest {t.keep_checkpoints} kept beside step "
-            f"{p.select.step}, {where}. This run: {summary['global_step']} steps ({resumed}), mean logged training loss "
-            f"{fmt_num(summary['mean_loss'], 4)}, mean training reward {fmt_num(summary['mean_reward'], 3)} (last "
-            f"logged {fmt_num(summary['final_reward'], 3)}), run id `{summary['run_id']}`.",
-            reward_text(p.reward),
-            f"- **Generation** (baseline and evaluation): engine {g.engine}, up to {g.max_new_tokens} new tokens, "
-            f"temperature {fmt_param(g.temperature)}, top-p {fmt_param(g.top_p)}, batches of {g.batch_size}.",
-            f"- **Evaluation design**: {sets}. The base model and the tuned model answer the same questions.",
-            "- **Grading**: the primary grader is the GSM8K extractor (markers `####`, then `\\boxed{}`, then "
-            "\"the answer is\", then the last number; numeric match), which also flags answers a reader could grade "
-            "differently as ambiguous. math-verify grades every answer again as an audit.",
-            f"- **Statistics** (alpha {fmt_param(design['alpha'])}): Wilson intervals; pooled two-proportion z-test; "
-            "paired t-test and Wilcoxon signed-rank test on per-question scores; logistic GEE with questions as "
-            f"clusters (exchangeable correlation, robust errors); cluster bootstrap ({design['bootstrap_samples']} "
-            f"resamples of questions, seed {design['seed']}); exact McNemar test on per-question majority verdicts; "
-            f"power from Cohen's h with the ICC design effect (target {fmt_pct(design['power_target'])})."]
-
-
-
-
-def signal_text(summary: dict) -> str:
-    """In words: did the groups carry reward spread, and how far did the adapter move from its initialisation."""
-    share, norm = summary["zero_std_share"], summary["lora_update_norm"]
-    if share is None and norm is None:
-        return ("No learning-signal diagnostics were logged (frac_reward_zero_std, lora/update_norm), so this report "
-                "cannot say whether training had a signal.")
-    moved = "n/a" if norm is None else f"{norm:.3g}"
-    shared = "an unknown share" if share is None else fmt_pct(share)
-    if no_signal_warning(summary):
-        return (f"**No learning signal**: {shared} of groups had identical rewards (frac_reward_zero_std, averaged "
-                f"over the logged steps): their advantages are zero, so GRPO had almost nothing to learn from and "
-                f"the adapter barely changed (LoRA update norm {moved}).")
-    return (f"{shared} of groups had identical rewards (frac_reward_zero_std, averaged over the logged steps), so the "
-            f"rest carried a learning signal; the adapter moved from its initialisation to a LoRA update norm of "
-            f"{moved}.")
-
-
-def training(inputs: ReportInputs) -> list[str]:
-    """The learning-signal diagnostics of the train stage's summary, in words, a table and the figures."""
-    summary = inputs.summary
-    lines = ["## Training", "", signal_text(summary), "",
-             "The norm is ||scale · B · A||_F summed over the LoRA layers: 0 at initialisation (peft starts B at 0), "
-             "so it says how far the adapter moved.", "", *header("Diagnostic (mean over logged steps)", "Value"),
-             row("Groups with identical rewards (frac_reward_zero_std)", fmt_pct(summary["zero_std_share"])),
-             row("Completions cut at max_completion_length (clipped_ratio)", fmt_pct(summary["clipped_share"])),
-             row("Mean completion length (tokens)", fmt_num(summary["mean_completion_length"], 1))]
-    for name, component in sorted(summary["rewards"].items()):
-        lines.append(row(f"Reward `{name}`: mean (spread within groups)",
-                         f"{fmt_num(component['mean'], 3)} ({fmt_num(component['std'], 3)})"))
-    lines.append(row("LoRA update norm (last logged step)", fmt_num(summary["lora_update_norm"], 4)))
-    s = inputs.headline
-    return lines + figure_lines(s, [f for f in TRAINING_FIGURES if f in s.stats["figures"]], "training")
-
-
-def analysis(inputs: ReportInputs) -> list[str]:
-    lines = ["## Statistical analysis", "", "Which test answers which question:", "",
-             "- *Is the tuned model right more often, if every answer counted as independent?* The pooled "
-             "two-proportion z-test, the study's headline test. Answers to the same question are correlated, so when "
-             "each question is sampled several times this test overstates the evidence.",
-             "- *Does the typical question improve?* The paired t-test and the Wilcoxon signed-rank test compare each "
-             "question's score (the fraction of its samples answered correctly) under both models: one pair per "
-             "question, so the number of questions is the sample size.",
-             "- *Are the odds of a correct answer higher, allowing for easy and hard questions?* Logistic GEE on every "
-             "answer with the question as the cluster and robust standard errors.",
-             "- *How uncertain is the difference in accuracy?* The cluster bootstrap resamples whole questions, "
-             "keeping each question's base and tuned answers together.",
-             "- *Do more questions flip to right than to wrong?* The exact McNemar test on each question's majority "
-             "verdict (the swap tables list them).",
-             "- *Could this design have detected the difference?* Power from the observed effect, with the sample "
-             "shrunk by the design effect 1 + (k - 1) x ICC for k samples per question.", "", "In this run:", ""]
-    for s in inputs.sets:
-        design, power = s.stats["design"], s.stats["power"]
-        if design["samples_per_question"] > 1:
-            lines.append(f"- *{s.name}* ({design_text(s.stats)}): the answers are {design['questions']} clusters "
-                         f"(ICC {fmt_num(power['icc'])}, design effect {fmt_num(power['design_effect'])}, worth "
-                         f"{fmt_num(power['effective_n_in_study'], 1)} independent answers), so the per-question and "
-                         "clustered tests are the honest ones; the z-test is shown to compare with the study.")
-        else:
-            lines.append(f"- *{s.name}* ({design_text(s.stats)}): each question is answered once, so the answers "
-                         "are independent and the answer-level tests are valid too.")
-    return lines
-
-
-def selection(inputs: ReportInputs) -> list[str]:
-    sel = inputs.select
-    if sel["rule_step"] is None:
-        verdict = "found no reward curve to apply to."
-    elif sel["rule_step"] == sel["step"]:
-        verdict = f"picks step {sel['rule_step']}, the same checkpoint."
-    else:
-        verdict = f"picks step {sel['rule_step']}; it is reported beside the choice, not used."
-    return ["## Checkpoint selection", "",
-            f"The evaluated adapters come from step {sel['step']} (`{sel['checkpoint']}`). Reason: "
-            f"{md_escape(sel['reason'])}. The automatic rule ({md_escape(sel['rule'])}) {verdict} "
-            f"Saved checkpoints: steps {fmt_param(sel['saved_steps'])}."]
-
-
-def limitations(inputs: ReportInputs) -> list[str]:
-    """Caveats derived from the data: run size, power, undefined or unreliable statistics, grading, selection."""
-    lines, reasons = ["## Limitations", ""], demonstration_reasons(inputs.params)
-    if reasons:
-        lines.append(f"- **This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
-                     "Its numbers show that the pipeline runs end to end; they are no evidence for or against "
-                     "length-gated GRPO.")
-    lines.append(f"- Published reference (the study's own figures, not this run's result): {PUBLISHED}.")
-    for s in inputs.sets:
-        power, diff = s.stats["power"], s.stats["bootstrap"]["diff"]
-        if power["achieved_power"] < power["target_power"]:
-            needed = power["questions_needed"]
-            lines.append(f"- *{s.name}*: the design had {fmt_pct(power['achieved_power'])} power to detect the "
-                         f"observed difference ({fmt_pp(diff)}); " + (
-                             f"about {needed} questions per model would give {fmt_pct(power['target_power'])}."
-                             if needed is not None else "no number of questions detects a zero difference."))
-        for test, note, undefined in stat_notes(s.stats):
-            lines.append(f"- *{s.name}*, {test}: {'p-value undefined; ' if undefined else ''}"
-                         f"{md_escape(note) or 'no reason recorded'}.")
-        disagreements = len(s.stats["grading"]["disagreements"])
-        if disagreements:
-            lines.append(f"- *{s.name}*: the extractor and math-verify disagree on {disagreements} answers; the "
-                         "grading table shows whether a conclusion depends on the grader.")
-    sel = inputs.select
-    if sel["rule_step"] is not None and sel["rule_step"] != sel["step"]:
-        lines.append(f"- The evaluated checkpoint (step {sel['step']}) was chosen by hand; the automatic rule "
-                     f"would pick step {sel['rule_step']}.")
-    lines.append(f"- One training run with one seed ({inputs.params.seed}): the variation between GRPO runs is "
-                 "not measured.")
-    return lines
-
-
-def render_markdown(inputs: ReportInputs) -> str:
-    params = inputs.params
-    title = f"GRPO with {reward_phrase(params.reward.variant)} on GSM8K: {model_name(params.model.source)}"
-    parts = [[f"# {title}"], abstract(inputs), method(inputs), training(inputs),
-             *[set_results(inputs, s) for s in inputs.sets],
-             analysis(inputs), *[swaps(s) for s in inputs.sets], selection(inputs), limitations(inputs)]
-    return "\n\n".join("\n".join(part) for part in parts) + "\n"
 
 
 def write_pdf(out_dir: Path, html_text: str, wanted: bool) -> None:
@@ -323,9 +113,9 @@ def write_pdf(out_dir: Path, html_text: str, wanted: bool) -> None:
         HTML(string=html_text).write_pdf(str(tmp))
 
 
-def run(params_path: Path, results: Path, figures: Path, out_dir: Path) -> dict[str, Path]:
+def run(params_path: Path, sources: ReportSources, out_dir: Path) -> dict[str, Path]:
     """Read every input, render, then write report.md and report.html together (nothing on bad input)."""
-    inputs, images = load_inputs(Path(params_path), Path(results), Path(figures), Path(out_dir))
+    inputs, images = load_inputs(Path(params_path), sources, Path(out_dir))
     md_text = render_markdown(inputs)
     html_text = render_html(md_text, {rel: path.read_bytes() for rel, path in images.items()})
     outputs = {"md": Path(out_dir) / "report.md", "html": Path(out_dir) / "report.html"}
@@ -341,12 +131,17 @@ def run(params_path: Path, results: Path, figures: Path, out_dir: Path) -> dict[
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--results", type=Path, required=True, help="folder of the earlier stages' results")
-    parser.add_argument("--figures", type=Path, required=True, help="folder of the stats stage's figures")
+    parser.add_argument("--summary", type=Path, required=True, help="the train stage's summary.json")
+    parser.add_argument("--select", type=Path, required=True, help="the select stage's record")
+    parser.add_argument("--baseline", type=Path, required=True, help="the baseline stage's folder (<set>/ each)")
+    parser.add_argument("--evaluate", type=Path, required=True, help="the evaluate stage's folder (<set>/ each)")
+    parser.add_argument("--stats", type=Path, required=True, help="the stats stage's JSON folder")
+    parser.add_argument("--figures", type=Path, required=True, help="the stats stage's figures (<set>/ each)")
     parser.add_argument("--out", type=Path, required=True, help="folder for report.md and report.html")
     args = parser.parse_args(argv)
     with fail():
-        outputs = run(args.params, args.results, args.figures, args.out)
+        sources = ReportSources(args.summary, args.select, args.baseline, args.evaluate, args.stats, args.figures)
+        outputs = run(args.params, sources, args.out)
     print("report:", ", ".join(str(path) for path in outputs.values()))
 
 

@@ -14,12 +14,10 @@ import json
 import shutil
 from pathlib import Path
 
-from grpo_gsm8k.checkpoint_sync import local_checkpoints, local_is_complete
+from grpo_gsm8k.contracts import ADAPTER_FILES, read_metric
 from grpo_gsm8k.io import atomic_output_dir, fail, write_json
 from grpo_gsm8k.params import SelectParams, load_params
-from grpo_gsm8k.training_log import read_metric
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+from grpo_gsm8k.training.checkpoint_sync import local_checkpoints, local_is_complete
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

@@ -4,11 +4,11 @@
         --checkpoints models/checkpoints --live results/train/live --summary results/train/summary.json
 
 One reward function per reward of the chosen `reward.variant`, so TRL (and dvclive) log each. A checkpoint every
-`train.save_steps` goes to `checkpoint_remote` in the background (grpo_gsm8k.checkpoint_sync); rerunning after a
+`train.save_steps` goes to `checkpoint_remote` in the background (grpo_gsm8k.training.checkpoint_sync); rerunning after a
 crash resumes from the newest complete checkpoint, local or on S3, at the same step and data order. Checkpoints
 belong to a run id, a hash of everything that shapes training, so changed params never resume a stale run.
 With `train.num_processes` > 1 the stage relaunches itself under `accelerate launch`.
-Departures from the study: none in the objective; the rollout engine may be grpo_gsm8k.fastgen (same sampling).
+Departures from the study: none in the objective; the rollout engine may be grpo_gsm8k.fastgen.generator (same sampling).
 """
 from __future__ import annotations
 
@@ -22,8 +22,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+
+from grpo_gsm8k.contracts import read_curves, read_metric
+from grpo_gsm8k.fastgen.rollout import make_rollout_func
 from grpo_gsm8k.io import fail, read_jsonl, write_json
+from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
 from grpo_gsm8k.params import Params, load_params
+from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_summary
+from grpo_gsm8k.science.rewards import build_reward_funcs
+from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
+from grpo_gsm8k.training.diagnostics import UpdateNormLogger
+from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
+from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
 
 RUN_FILE = "run.json"
 
@@ -70,10 +85,6 @@ def claim_run(checkpoints: Path, live_dir: Path, identity: dict) -> bool:
 
 
 def grpo_config(params: Params, checkpoints: Path, device: str):
-    from trl import GRPOConfig
-
-    from grpo_gsm8k.fastgen import fast_training_overrides
-
     train = params.train
     choice = train.gradient_checkpointing
     # "auto" recomputes activations only on a GPU too small to keep them (see fast_training_overrides).
@@ -104,14 +115,6 @@ def protected_steps(params: Params) -> set[int]:
 def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, callbacks: list,
                   reward_funcs: list | None = None):
     """The GRPOTrainer the stage runs; `reward_funcs` replaces the params' variant (tests use it)."""
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-    from trl import GRPOTrainer
-
-    from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
-    from grpo_gsm8k.rewards import build_reward_funcs
-
     device = pick_device(params.model.device)
     location, revision = model_location(model_dir)
     dtype = DTYPES[params.model.dtype] if device == "cuda" else DTYPES["float32"]
@@ -122,8 +125,6 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
     lora = params.train.lora
     rollout = {}
     if params.generation.engine == "fast":
-        from grpo_gsm8k.fastgen import make_rollout_func
-
         rollout = {"rollout_func": make_rollout_func(params)}
     return GRPOTrainer(
         model=model, processing_class=tokenizer, args=grpo_config(params, checkpoints, device),
@@ -136,15 +137,6 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
 
 def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path,
         summary_path: Path) -> dict:
-    from accelerate import PartialState
-
-    from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
-    from grpo_gsm8k.fastgen_trl import speed_up_training
-    from grpo_gsm8k.training_log import LiveLogger, restore_curves
-    from grpo_gsm8k.train_diagnostics import UpdateNormLogger, no_signal_warning, read_curves, signal_summary
-
-    from grpo_gsm8k.modeling import pick_device
-
     identity = run_identity(params, model_dir, data_path)
     # First use of accelerate's process state: it must know about CPU now, or it never opens the gloo group.
     state = PartialState(cpu=pick_device(params.model.device) == "cpu")
@@ -156,7 +148,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
             start_from = resume_path(checkpoints, remote) if resuming or remote else None
         except RemoteUnavailable as err:
             raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} is unreachable ({err}); "
-                             "start the server (python -m grpo_gsm8k.s3server start) or set "
+                             "start the server (python -m grpo_gsm8k.tools.s3server start) or set "
                              "train.checkpoint_remote=\"\"") from None
     resumed_step = int(start_from.rsplit("-", 1)[1]) if start_from else 0
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
@@ -190,8 +182,6 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
 
 def curve_summary(live_dir: Path) -> dict:
     """Headline numbers of the whole logged run (resumes included), for `dvc metrics show` / `dvc exp show`."""
-    from grpo_gsm8k.training_log import read_metric
-
     loss, reward = read_metric(live_dir, "loss"), read_metric(live_dir, "reward")
     return {"mean_loss": sum(v for _, v in loss) / len(loss) if loss else None,
             "final_reward": reward[-1][1] if reward else None,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_gsm8k.preset import apply_overrides, load_preset
+from grpo_gsm8k.tools.preset import apply_overrides, load_preset
 
 pytest_plugins = ["tests.conftest_s3"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_gsm8k.s3server import S3Server, find_weed
+from grpo_gsm8k.tools.s3server import S3Server, find_weed
 
 TEST_BUCKET = "test-bucket"
 

@@ -1,13 +1,13 @@
 """Reward variants for tests, selected through params like any variant:
 `reward.variant: tests.rewards_for_tests:<function>` (run from the project root, which holds the tests package).
 
-Each is a variant function, (knobs) -> reward functions, as in grpo_gsm8k/rewards.py's VARIANTS.
+Each is a variant function, (knobs) -> reward functions, as in grpo_gsm8k/science/rewards.py's VARIANTS.
 """
 from __future__ import annotations
 
 import functools
 
-from grpo_gsm8k.rewards import RewardKnobs, format_reward
+from grpo_gsm8k.science.rewards import RewardKnobs, format_reward
 
 TOKEN_VARIANT = "tests.rewards_for_tests:token_variant"
 FORMAT_ONLY = "tests.rewards_for_tests:format_only"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from grpo_gsm8k import stats as st
-from stages import stats as stage
+from grpo_gsm8k.science import stats as st
+from grpo_gsm8k.science import analysis
 
 ALPHA = 0.05
 FULL = "Six apples.\n#### 6"  # all three format parts
@@ -35,8 +35,8 @@ def records(completions: list[str], tokens: list[int], correct: list[bool], samp
 
 
 def behaviours(base: list[dict], tuned: list[dict], min_tokens: int = 50) -> dict:
-    accuracy = stage.core_tests(base, tuned, stage.GRADINGS["primary"], ALPHA, 300, 0)
-    return stage.behaviour_tests(base, tuned, accuracy, min_tokens, ALPHA, 300, 0)
+    accuracy = analysis.core_tests(base, tuned, analysis.GRADINGS["primary"], ALPHA, 300, 0)
+    return analysis.behaviour_tests(base, tuned, accuracy, min_tokens, ALPHA, 300, 0)
 
 
 @pytest.mark.parametrize("text, full", [
@@ -47,7 +47,7 @@ def behaviours(base: list[dict], tuned: list[dict], min_tokens: int = 50) -> dic
     (NONE, False),                    # no #### at all
 ])
 def test_full_format_is_every_part_of_the_format_reward(text, full):
-    assert stage.full_format({"completion": text}) is full
+    assert analysis.full_format({"completion": text}) is full
 
 
 @pytest.mark.parametrize("full_base, full_tuned, n", [

@@ -1,4 +1,4 @@
-"""Tests for grpo_gsm8k.checkpoint_sync: real S3 server, fake checkpoints written like a Trainer's.
+"""Tests for grpo_gsm8k.training.checkpoint_sync: real S3 server, fake checkpoints written like a Trainer's.
 
     python -m pytest tests/test_checkpoint_sync.py -q -p tests.conftest_s3
 """
@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from grpo_gsm8k.checkpoint_sync import (MANIFEST, CheckpointSync, ChecksumError, RemoteStore, RemoteUnavailable,
+from grpo_gsm8k.training.checkpoint_sync import (MANIFEST, CheckpointSync, ChecksumError, RemoteStore, RemoteUnavailable,
                                         build_manifest, fetch_checkpoint, latest_complete_checkpoint, resume_path,
                                         write_local_manifest)
-from grpo_gsm8k.s3server import pid_alive
+from grpo_gsm8k.tools.s3server import pid_alive
 from tests.conftest_s3 import fast_fail_options
 
 FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",

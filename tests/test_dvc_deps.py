@@ -26,7 +26,7 @@ READ_ROOTS = ("configs", "presets", "data")  # tracked folders a stage could rea
 # Project paths written in a stage's code (found by `named_paths`), with the stages that read them; a path named in
 # a module some stage imports but does not read from is listed with the stages that do. Today no stage module
 # names one: the data folder and the accelerate config reach the stages as params (PARAM_PATHS), and presets/ is
-# read by grpo_gsm8k.preset, which no stage imports (presets become params through `dvc exp run -S`).
+# read by grpo_gsm8k.tools.preset, which no stage imports (presets become params through `dvc exp run -S`).
 KNOWN_PATH_READS: dict[str, set[str]] = {}
 # Params whose value is a project path a stage reads: (stage, dotted param, the attribute the stage's code reads).
 PARAM_PATHS = [

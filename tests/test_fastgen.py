@@ -1,4 +1,4 @@
-"""CPU tests of grpo_gsm8k.fastgen on a tiny random Llama (fp32): greedy equals HF generate, reported log-probs
+"""CPU tests of grpo_gsm8k.fastgen.generator on a tiny random Llama (fp32): greedy equals HF generate, reported log-probs
 equal a plain forward's, seeding, EOS, prompt-major order, LoRA merging, and the TRL rollout_func contract."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_gsm8k.fastgen import FastGenerator, fast_training_overrides, make_rollout_func
+from grpo_gsm8k.fastgen.generator import FastGenerator
+from grpo_gsm8k.training.speedups import fast_training_overrides
+from grpo_gsm8k.fastgen.rollout import make_rollout_func
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
@@ -216,7 +218,7 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
     HF gradient checkpointing (train.gradient_checkpointing: auto turns it on for GPUs under 60 GiB)."""
     import gc
 
-    from grpo_gsm8k.fastgen_trl import compile_decoder_layers, freeze_gc
+    from grpo_gsm8k.training.speedups import compile_decoder_layers, freeze_gc
 
     def loss_and_grads(model, ids, mask):
         model.zero_grad()
@@ -254,7 +256,7 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     chunks); training forwards keep per_device_train_batch_size."""
     import gc
 
-    from grpo_gsm8k.fastgen_trl import speed_up_training
+    from grpo_gsm8k.training.speedups import speed_up_training
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     tokenizer = tiny_tokenizer()
@@ -291,7 +293,7 @@ def test_fused_lm_head_projects_only_the_completion_positions_on_cpu(monkeypatch
     it, with the same log-probs and the same LoRA gradients."""
     import trl.trainer.utils as trl_utils
 
-    from grpo_gsm8k.fastgen_trl import project_only_scored_positions
+    from grpo_gsm8k.training.speedups import project_only_scored_positions
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     monkeypatch.setattr(trl_utils, "_use_triton", trl_projects_only_scored_on)  # restored after the test

@@ -1,4 +1,4 @@
-"""grpo_gsm8k.fastgen_attention on CPU: the plain-torch reference against SDPA with the additive mask exactly as
+"""grpo_gsm8k.fastgen.attention on CPU: the plain-torch reference against SDPA with the additive mask exactly as
 fastgen_model.decode_step/_attend build it (so the reference the GPU tests trust is right), the SDPA fallback,
 and, when `triton` is importable, the Triton kernels themselves under TRITON_INTERPRET=1 on small shapes."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grpo_gsm8k import fastgen_attention as fa
+from grpo_gsm8k.fastgen import attention as fa
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -23,8 +23,8 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def interpreter_checks() -> None:
     """Run by the test below in a TRITON_INTERPRET=1 subprocess (triton reads it at import); raises on a mismatch."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
-    from grpo_gsm8k import fastgen_kernels as kernels
-    from grpo_gsm8k.fastgen_model import apply_rope, rms_norm
+    from grpo_gsm8k.fastgen import kernels as kernels
+    from grpo_gsm8k.fastgen.model import apply_rope, rms_norm
 
     assert kernels.enabled(torch.device("cpu"))
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for grpo_gsm8k.grading: extraction table, canonical numbers, gold parsing on real GSM8K, both graders."""
+"""Tests for grpo_gsm8k.science.grading: extraction table, canonical numbers, gold parsing on real GSM8K, both graders."""
 
 import json
 import threading
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_gsm8k.grading import (
+from grpo_gsm8k.science.grading import (
     answers_match,
     canonical_number,
     extract_answer,

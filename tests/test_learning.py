@@ -14,7 +14,7 @@ import pytest
 from grpo_gsm8k.io import read_jsonl
 from grpo_gsm8k.modeling import prepare_base
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.rewards import format_score
+from grpo_gsm8k.science.rewards import format_score
 from stages import baseline, data, evaluate, select, train
 from tests.conftest import cpu_params_dict, write_params
 from tests.rewards_for_tests import FORMAT_ONLY

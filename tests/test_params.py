@@ -6,9 +6,9 @@ import inspect
 import pytest
 import yaml
 
-from grpo_gsm8k import rewards
+from grpo_gsm8k.science import rewards
 from grpo_gsm8k.params import ParamsError, load_params
-from grpo_gsm8k.preset import apply_overrides, load_preset, set_param_args
+from grpo_gsm8k.tools.preset import apply_overrides, load_preset, set_param_args
 from tests.conftest import REPO, cpu_params_dict, write_params
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_gsm8k.train_diagnostics import MAX_ZERO_STD_SHARE
+from grpo_gsm8k.science.learning_signal import MAX_ZERO_STD_SHARE
 from tests.conftest import dvc, run
 from tests.test_resume import distance_from_init, moved_bound
 
@@ -54,7 +54,7 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
     env = s3_server.env()
     dvc("remote", "modify", "store", "url", f"s3://{s3_server.bucket}/dvcstore", cwd=repo_copy)
     # As scripts/demo.sh does: the preset goes into params.yaml (its system prompt holds spaces), then the shrink.
-    run(["python", "-m", "grpo_gsm8k.preset", "cpu", "--write", "params.yaml"], repo_copy)
+    run(["python", "-m", "grpo_gsm8k.tools.preset", "cpu", "--write", "params.yaml"], repo_copy)
     overrides = {**SHRINK, "train.checkpoint_remote": f"s3://{s3_server.bucket}/checkpoints"}
     dvc("exp", "run", *set_args(overrides), cwd=repo_copy, env=env)
 
@@ -114,7 +114,7 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
 
 def check_report_numbers(repo: Path) -> None:
     """Every headline number of the stats outputs appears in the report as the report formats it."""
-    from grpo_gsm8k.report_render import fmt_p, fmt_pct
+    from grpo_gsm8k.science.report_format import fmt_p, fmt_pct
 
     report = (repo / "reports" / "report.md").read_text()
     for metrics_file in (repo / "results" / "stats").glob("*-metrics.json"):

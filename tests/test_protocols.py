@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from grpo_gsm8k.protocols import (
+from grpo_gsm8k.science.protocols import (
     flexible_extract,
     lm_eval_exact_match,
     lm_eval_normalize,

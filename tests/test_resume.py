@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grpo_gsm8k.checkpoint_sync import RemoteStore
+from grpo_gsm8k.training.checkpoint_sync import RemoteStore
 from grpo_gsm8k.params import load_params
 from stages import data
 from tests.conftest import REPO, cpu_params_dict, write_params

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from grpo_gsm8k.checkpoint_sync import CheckpointSync, RemoteStore
+from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteStore
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.training_log import LiveLogger
+from grpo_gsm8k.training.live_log import LiveLogger
 from stages import train
 from tests.conftest import cpu_params_dict, write_params
 from tests.test_checkpoint_sync import write_checkpoint

@@ -1,4 +1,4 @@
-"""Tests for grpo_gsm8k.rewards: length gates, format parts, variants, knob validation, TRL call contract."""
+"""Tests for grpo_gsm8k.science.rewards: length gates, format parts, variants, knob validation, TRL call contract."""
 
 import copy
 import dataclasses
@@ -9,7 +9,7 @@ import pytest
 from trl.trainer.utils import get_callable_name
 
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.rewards import (
+from grpo_gsm8k.science.rewards import (
     VARIANTS,
     RewardKnobs,
     build_reward_funcs,
@@ -161,7 +161,7 @@ BAD_KNOBS = [
      f"reward.correct_value={PAID}"),  # a short correct answer would score below a wrong one
     (dict(variant="tests.no_such:f"), "reward.variant='tests.no_such:f' cannot be imported (ModuleNotFoundError"),
     (dict(variant="tests.rewards_for_tests:nope"), "cannot be imported (AttributeError"),  # no such function
-    (dict(variant="grpo_gsm8k.rewards:FORMAT_PARTS"), "is not a function"),  # a constant, not a variant
+    (dict(variant="grpo_gsm8k.science.rewards:FORMAT_PARTS"), "is not a function"),  # a constant, not a variant
     (dict(variant="my rewards.py"), "reward.variant='my rewards.py' is unknown"),  # neither a name nor a path
 ]
 

@@ -1,4 +1,4 @@
-"""Tests for grpo_gsm8k.s3server against a real SeaweedFS process.
+"""Tests for grpo_gsm8k.tools.s3server against a real SeaweedFS process.
 
     python -m pytest tests/test_s3server.py -q -p tests.conftest_s3
 """
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from grpo_gsm8k.s3server import S3Server, S3ServerError, find_weed
+from grpo_gsm8k.tools.s3server import S3Server, S3ServerError, find_weed
 from tests.conftest_s3 import fast_fail_options
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def s3server_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grpo_gsm8k.s3server", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "grpo_gsm8k.tools.s3server", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=90)
 
 

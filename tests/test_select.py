@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_gsm8k.checkpoint_sync import build_manifest, write_local_manifest
+from grpo_gsm8k.training.checkpoint_sync import build_manifest, write_local_manifest
 from grpo_gsm8k.params import load_params
 from stages import select
 from tests.conftest import REPO

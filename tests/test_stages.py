@@ -8,10 +8,11 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
+from grpo_gsm8k import contracts
 from grpo_gsm8k.io import read_jsonl
 from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, resolve_source
 from grpo_gsm8k.params import load_params
-from stages import baseline, data, evaluate, select, train
+from stages import baseline, data, evaluate, select, stats, train
 from tests.conftest import REPO, cpu_params_dict, write_params
 from tests.rewards_for_tests import TOKEN_VARIANT
 from tests.test_resume import MOVED, TOLERANCE, distance_from_init, max_difference
@@ -90,24 +91,26 @@ def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert before["total"] == 6 and before["questions"] == 3
     summary = train.run(params, tmp_path / "base", tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt",
                         tmp_path / "live", tmp_path / "summary.json")
-    assert summary["global_step"] == 2
+    assert summary["global_step"] == 2 and set(contracts.TRAIN_SUMMARY_KEYS) <= set(summary)
     assert (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").is_file()
     record = select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter",
                         tmp_path / "select.json")
-    assert record["step"] == 2 and record["saved_steps"] == [1, 2]
+    assert record["step"] == 2 and record["saved_steps"] == [1, 2] and tuple(record) == contracts.SELECT_KEYS
     assert distance_from_init(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) > MOVED
     after = evaluate.run(params, "study", tmp_path / "base", tmp_path / "adapter", eval_path, tmp_path / "evaluate")
     assert after["total"] == 6 and "mean_reward" in after
-    assert set(PROTOCOL_FIELDS) <= set(json.loads((tmp_path / "evaluate" / "metrics.json").read_text()))
+    metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert {*PROTOCOL_FIELDS, *contracts.ANSWER_METRICS_KEYS} <= set(metrics)
     rows = read_jsonl(tmp_path / "evaluate" / "completions.jsonl")
     assert {"correct", "mv_correct", "ambiguous", "extracted", "n_tokens", "truncated", "reward"} <= set(rows[0])
+    assert [stats.record_problem(row) for row in rows] == [""] * len(rows)  # what the stats stage reads
     # Same seed, same params: the baseline's completions are identical on a rerun.
     baseline.run(params, "study", tmp_path / "base", eval_path, tmp_path / "baseline2")
     assert (tmp_path / "baseline2" / "completions.jsonl").read_bytes() == \
         (tmp_path / "baseline" / "completions.jsonl").read_bytes()
 
 
-# The standard-protocol columns (grpo_gsm8k.protocols) each of baseline's and evaluate's metrics.json carries.
+# The standard-protocol columns (grpo_gsm8k.science.protocols) each of baseline's and evaluate's metrics.json carries.
 PROTOCOL_FIELDS = ("greedy_correct", "greedy_accuracy", "samples_per_question", "maj_at_k_correct",
                    "maj_at_k_accuracy", "pass_at_k_accuracy", "pass_at_1_accuracy", "lm_eval_strict_correct",
                    "lm_eval_strict_accuracy", "lm_eval_flexible_correct", "lm_eval_flexible_accuracy")

@@ -1,4 +1,4 @@
-"""Tests for grpo_gsm8k.stats: every statistic against an independent hand computation, plus degenerate data.
+"""Tests for grpo_gsm8k.science.stats: every statistic against an independent hand computation, plus degenerate data.
 
     python -m pytest tests/test_stats.py -q
 """
@@ -10,7 +10,7 @@ import statsmodels.api as sm
 from scipy import stats as scipy_stats
 from statsmodels.stats.inter_rater import cohens_kappa as sm_cohens_kappa
 
-from grpo_gsm8k import stats as st
+from grpo_gsm8k.science import stats as st
 
 
 def normal_two_sided_p(z: float) -> float:

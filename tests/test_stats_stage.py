@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grpo_gsm8k import figures
+from grpo_gsm8k.science import analysis, figures
 from grpo_gsm8k.params import load_params
 from stages import stats as stage
 from tests.conftest import REPO, cpu_params_dict, write_params
@@ -142,7 +142,7 @@ def test_swap_categories_partition_the_questions(study):
     for row in swaps:
         assert (row["base_correct"] * 2 > row["base_samples"]) == (row["category"] in ("both", "only_base"))
         assert row["tuned_score"] == row["tuned_correct"] / row["tuned_samples"]
-        assert len(row["base_answer"]["completion"]) <= stage.EXCERPT_CHARS + 1
+        assert len(row["base_answer"]["completion"]) <= analysis.EXCERPT_CHARS + 1
         assert row["question"].startswith(f"Question {row['qid'] - 100}:")
 
 

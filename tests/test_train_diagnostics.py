@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from grpo_gsm8k.train_diagnostics import (UPDATE_NORM, UpdateNormLogger, lora_update_norm, no_signal_warning,
-                                          read_curves, signal_summary)
+from grpo_gsm8k.science.learning_signal import UPDATE_NORM, no_signal_warning, signal_summary
+from grpo_gsm8k.training.diagnostics import UpdateNormLogger, lora_update_norm
+from grpo_gsm8k.contracts import read_curves
 
 FORMAT = "rewards/format_reward"
 

@@ -1,18 +1,21 @@
-"""The reward-variant comparison (grpo_gsm8k/variants.py): table building on a hand-written `dvc exp show --json`
+"""The reward-variant comparison (grpo_gsm8k/tools/variants.py): table building on a hand-written `dvc exp show --json`
 structure, the Markdown and the figure, the no-experiments error, and (slow) real `dvc exp run` experiments, one
 run in the workspace and two through `dvc exp run --queue` + `dvc queue start`, compared end to end."""
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from grpo_gsm8k import variants
-from grpo_gsm8k.report_render import fmt_num, fmt_p, fmt_pct, fmt_pp
-from tests.conftest import cpu_params_dict, dvc, run, write_params
+from grpo_gsm8k.science.report_format import fmt_num, fmt_p, fmt_pct, fmt_pp
+from grpo_gsm8k.tools import variants
+from tests.conftest import REPO, cpu_params_dict, dvc, run, write_params
+
+STUDY_PATHS = variants.metric_paths(REPO, "study")  # where dvc.yaml puts the study set's metrics
 
 STATS_KEYS = ("accuracy_base", "accuracy_tuned", "difference", "difference_ci_low", "difference_ci_high",
               "p_two_proportion", "p_paired_t", "p_wilcoxon", "p_gee", "p_mcnemar", "mean_tokens_base",
@@ -90,7 +93,7 @@ def table_rows(markdown: str, section: str) -> dict[str, list[str]]:
 
 
 def test_rows_one_per_finished_experiment_sorted_by_variant():
-    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), "study")
+    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), STUDY_PATHS)
     assert [(r["name"], r["variant"]) for r in rows] == [
         ("study-exp", "study"), ("naive-exp", "naive"), ("only-exp", "correctness_only")]
     assert skipped == ["broken-exp: failed", "waiting-exp: queued"]
@@ -106,14 +109,14 @@ def test_rows_one_per_finished_experiment_sorted_by_variant():
 def test_experiment_without_stats_is_named_and_commit_without_results_is_not():
     show = exp_show()
     show[1]["experiments"][0]["revs"][0]["data"]["metrics"].pop("results/stats/study-metrics.json")
-    rows, skipped = variants.variant_rows(variants.collect_experiments(show), "study")
+    rows, skipped = variants.variant_rows(variants.collect_experiments(show), STUDY_PATHS)
     assert [r["name"] for r in rows] == ["study-exp", "naive-exp"]
     assert skipped[1] == "only-exp: no results/stats/study-metrics.json"
     assert not any("main" in note for note in skipped)
 
 
 def test_markdown_holds_the_metrics_of_each_experiment():
-    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), "study")
+    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), STUDY_PATHS)
     markdown = variants.render_markdown(rows, LENGTHS, skipped, "study", "variants.png")
     accuracy, audit = table_rows(markdown, "Accuracy"), table_rows(markdown, "Reward-hacking audit")
     assert list(accuracy) == list(audit) == ["study-exp", "naive-exp", "only-exp"]
@@ -134,6 +137,7 @@ def test_markdown_holds_the_metrics_of_each_experiment():
 def test_run_writes_markdown_and_figure_identically_twice(tmp_path, monkeypatch):
     monkeypatch.setattr(variants, "read_exp_show", lambda repo, all_commits: exp_show())
     monkeypatch.setattr(variants, "read_lengths", lambda repo, rev, set_name: LENGTHS[rev])
+    shutil.copy(REPO / "dvc.yaml", tmp_path)  # where the paths of the outputs are declared
     out = tmp_path / "reports" / "variants.md"
     variants.run(tmp_path, out)
     first = out.read_bytes(), out.with_suffix(".png").read_bytes()
@@ -195,7 +199,7 @@ def shown_experiments(repo: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_behaviour_rows_per_experiment():
-    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), "study")
+    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), STUDY_PATHS)
     table = table_rows(variants.render_markdown(rows, LENGTHS, skipped, "study", "variants.png"),
                        "Rewarded behaviours beside accuracy")
     assert list(table) == ["study-exp", "naive-exp", "only-exp"]
@@ -232,7 +236,7 @@ def test_variants_as_dvc_experiments(repo_copy, tiny_model_dir):
         for key in ("accuracy", "mean_tokens", "truncated_rate", "formatted_wrong_rate", "mean_reward"):
             assert key in metrics["results/evaluate/study/metrics.json"], (variant, key)
 
-    run(["python", "-m", "grpo_gsm8k.variants", "--out", "reports/variants.md"], repo_copy, env)
+    run(["python", "-m", "grpo_gsm8k.tools.variants", "--out", "reports/variants.md"], repo_copy, env)
     markdown = (repo_copy / "reports" / "variants.md").read_text()
     assert (repo_copy / "reports" / "variants.png").read_bytes().startswith(b"\x89PNG")
     accuracy, audit = table_rows(markdown, "Accuracy"), table_rows(markdown, "Reward-hacking audit")

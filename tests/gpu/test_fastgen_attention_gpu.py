@@ -1,4 +1,4 @@
-"""GPU checks of the split-K decode-attention kernels (grpo_gsm8k.fastgen_attention) against the fp64 reference:
+"""GPU checks of the split-K decode-attention kernels (grpo_gsm8k.fastgen.attention) against the fp64 reference:
 training- and eval-like shapes, every output element and every split partial written, never a slot >= attend_len
 read (those hold NaN), and correct replays of a captured CUDA graph after pad_len/cur change in place.
 Run through the device tool: `pytest -m gpu tests/gpu`."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_gsm8k import fastgen_attention as fa
+from grpo_gsm8k.fastgen import attention as fa
 from tests.test_fastgen_attention import attend_as_fastgen, make_case, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -1,4 +1,4 @@
-"""GPU checks of grpo_gsm8k.fastgen in bf16 (run through the device tool: `pytest -m gpu tests/gpu`).
+"""GPU checks of grpo_gsm8k.fastgen.generator in bf16 (run through the device tool: `pytest -m gpu tests/gpu`).
 
 On a random 4-layer Llama with the 8B model's head layout (head_dim 128, 4 query heads per KV head) and a random
 LoRA r=16 on every linear layer: the log-probs the CUDA-graph generator reports match TRL's training forward on the
@@ -14,8 +14,10 @@ import gc
 import pytest
 import torch
 
-from grpo_gsm8k.fastgen import FastGenerator, fast_training_overrides, make_rollout_func
-from grpo_gsm8k.fastgen_trl import speed_up_training
+from grpo_gsm8k.fastgen.generator import FastGenerator
+from grpo_gsm8k.training.speedups import fast_training_overrides
+from grpo_gsm8k.fastgen.rollout import make_rollout_func
+from grpo_gsm8k.training.speedups import speed_up_training
 from tests.test_fastgen import tiny_tokenizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo_gsm8k import fastgen_kernels as kernels
-from grpo_gsm8k.fastgen_model import apply_rope, decode_step, new_state, pack_weights, rms_norm
+from grpo_gsm8k.fastgen import kernels as kernels
+from grpo_gsm8k.fastgen.model import apply_rope, decode_step, new_state, pack_weights, rms_norm
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 BF16 = torch.bfloat16
@@ -87,7 +87,7 @@ def test_fused_decode_step_matches_torch_step(monkeypatch):
 
 def test_fused_prefill_matches_torch_prefill(monkeypatch):
     """The prefill runs the decode step's add_rmsnorm / silu_mul over all prompt positions: same logits and K/V."""
-    from grpo_gsm8k.fastgen_model import prefill
+    from grpo_gsm8k.fastgen.model import prefill
 
     pm = packed_random_llama(seed=4)
     prompts = torch.randint(0, 4000, (3, 40), device="cuda")

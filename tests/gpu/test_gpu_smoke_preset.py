@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from grpo_gsm8k.params import load_params
-from grpo_gsm8k.preset import apply_overrides, load_preset, set_param_args
+from grpo_gsm8k.tools.preset import apply_overrides, load_preset, set_param_args
 from tests.conftest import REPO, SMOLLM, write_params
 
 
@@ -53,7 +53,7 @@ def test_bad_lengths_spec_names_the_fix(spec):
     ([5, 6, 7, 8, 9, 10, 11, 12], 1, [2], False),
 ])
 def test_cut_to_lengths(ids, length, want_ids, want_truncated):
-    from grpo_gsm8k.fastgen import Sample
+    from grpo_gsm8k.fastgen.generator import Sample
 
     sample = Sample(ids, [-0.5] * len(ids), truncated=ids[-1] != 2)
     cut = bench.cut_to_lengths([sample], [length], eos_id=2, max_new=8)[0]

@@ -1,4 +1,4 @@
-"""The decoder forward that `grpo_gsm8k.fastgen` runs: packed (LoRA-merged, fused) weights, a static KV cache.
+"""The decoder forward that `grpo_gsm8k.fastgen.generator` runs: packed (LoRA-merged, fused) weights, a static KV cache.
 
 `pack_weights(model)` reads a Llama-family causal LM (plain, or a peft LoRA model) and returns `PackedModel`:
 q/k/v fused into one matrix and gate/up into another, each LoRA delta merged in (`W + s·B·A`, exactly what peft's
@@ -9,6 +9,8 @@ modified; norms, embeddings and an un-adapted lm_head are shared, not copied.
 `decode_step` advances all rows by one token in place, so the whole step can be captured in a CUDA graph.
 GQA stays grouped: the G query heads that share a KV head are passed to SDPA as G query positions of that one head,
 so the 8 KV heads are never expanded to 32 over the cache (the `repeat_kv` copies were a third of HF's decode step).
+Why over 300 lines: the forward of one decode step reads top to bottom here (packing, prefill, decode, attention
+dispatch); split, each piece would need the packed-weights layout explained again.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from grpo_gsm8k import fastgen_attention as attention
-from grpo_gsm8k import fastgen_kernels as kernels
+from grpo_gsm8k.fastgen import attention, kernels
+from grpo_gsm8k.modeling import unwrap_causal_lm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -55,11 +57,6 @@ class PackedModel:
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
-
-
-def unwrap_causal_lm(model):
-    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def check_supported(model) -> None:

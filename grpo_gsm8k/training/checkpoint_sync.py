@@ -17,7 +17,7 @@ Leave it None; `keep` and `protect_steps` here prune both copies, and a local
 copy is only deleted once its upload is complete.
 
 storage_options go to fsspec (s3fs): {} takes credentials and endpoint from the
-AWS_* environment (see `python -m grpo_gsm8k.s3server env`).
+AWS_* environment (see `python -m grpo_gsm8k.tools.s3server env`).
 
 Faults print one `warning:` line each on stderr and never stop training: a local or
 remote checkpoint that fails its checks is named with the reason and skipped (resume
@@ -29,6 +29,8 @@ half-uploaded checkpoint never counts.
 
 Limitation: under multi-GPU training only rank 0 uploads, when rank 0's on_save
 runs; rng_state_<rank>.pth files other ranks write later may miss the manifest.
+Why over 300 lines: the uploader thread, the manifests, the remote listing and the resume choice share one
+protocol (manifest last, verify before use); apart, each half would restate it.
 """
 
 from __future__ import annotations

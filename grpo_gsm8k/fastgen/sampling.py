@@ -1,4 +1,4 @@
-"""Token sampling for `grpo_gsm8k.fastgen`: temperature, nucleus (top-p), and the log-probs TRL compares with.
+"""Token sampling for `grpo_gsm8k.fastgen.generator`: temperature, nucleus (top-p), and the log-probs TRL compares with.
 
 Sampling is an exponential race, argmax(log p - log E) with E ~ Exp(1) drawn from the device's default generator:
 one elementwise draw and one argmax, no host sync, so it can sit inside a captured CUDA graph. The reported

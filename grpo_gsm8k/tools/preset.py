@@ -1,7 +1,7 @@
 """Presets: named sets of param overrides kept in presets/<name>.yaml (dotted keys, as `dvc exp run -S` takes).
 
-    dvc exp run $(python -m grpo_gsm8k.preset gpu-smoke)    # run the pipeline with the preset applied
-    python -m grpo_gsm8k.preset cpu --write params.yaml     # or write it into a params file, then `dvc repro`  (values with spaces: only this way)
+    dvc exp run $(python -m grpo_gsm8k.tools.preset gpu-smoke)    # run the pipeline with the preset applied
+    python -m grpo_gsm8k.tools.preset cpu --write params.yaml     # or write it into a params file, then `dvc repro`  (values with spaces: only this way)
 
 Each override must name an existing param, so a typo fails here instead of silently doing nothing.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"  # the project root, two folders up
 
 
 def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, object]:

@@ -3,14 +3,14 @@
     gen = FastGenerator(model, tokenizer, max_new_tokens=512, temperature=0.8, max_batch=120)
     samples = gen.generate(prompt_ids, num_samples=5, seed=0)   # prompt-major: p0s0, p0s1, ..., p1s0, ...
 
-What makes it fast (see fastgen_model.py for the forward): LoRA merged into fused weights once per weight version,
+What makes it fast (see fastgen/model.py for the forward): LoRA merged into fused weights once per weight version,
 each distinct prompt prefilled once for all its samples, a static KV cache, GQA-aware decode attention, fused
-Triton kernels for the elementwise work (fastgen_kernels.py), and on CUDA the whole decode step (forward + sampling
+Triton kernels for the elementwise work (fastgen/kernels.py), and on CUDA the whole decode step (forward + sampling
 + bookkeeping) captured in CUDA graphs, one per attended-length bucket, replayed with no host sync except an
 "all finished?" check every `CHECK_EVERY` steps. On CPU (or `use_cuda_graph=False`) the same step runs eagerly.
 Seeded calls are reproducible (fork of the device RNG).
 
-The TRL glue (`make_rollout_func`, `fast_training_overrides`) lives in fastgen_trl.py and is re-exported here.
+The TRL rollout glue is fastgen/rollout.py; the engine-independent training speed-ups are training/speedups.py.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from grpo_gsm8k.fastgen_model import (DecodeState, check_supported, decode_step, new_state, pack_weights, prefill,
-                                      rope_tables, unwrap_causal_lm)
-from grpo_gsm8k.fastgen_sampling import sample_tokens
+from grpo_gsm8k.fastgen.model import (DecodeState, check_supported, decode_step, new_state, pack_weights, prefill,
+                                      rope_tables)
+from grpo_gsm8k.fastgen.sampling import sample_tokens
+from grpo_gsm8k.modeling import unwrap_causal_lm
 
 CHECK_EVERY = 16  # decode steps between host syncs that look for "every row has ended" (CUDA graphs only)
 CACHE_ROUND = 64  # cache length is rounded up to this, so nearby prompt lengths reuse buffers and graphs
@@ -282,8 +283,3 @@ def _seeded(seed: int | None, device: torch.device):
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         yield
-
-
-from grpo_gsm8k.fastgen_trl import fast_training_overrides, make_rollout_func  # noqa: E402  (re-export)
-
-__all__ = ["FastGenerator", "GenerationStats", "Sample", "fast_training_overrides", "make_rollout_func"]

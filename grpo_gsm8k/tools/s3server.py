@@ -4,9 +4,9 @@ DVC's remote and the training checkpoints go to S3. On a dev machine or in CI
 there is no AWS, so we run SeaweedFS on 127.0.0.1: one process, path-style
 addressing, data kept under `--dir` across restarts (also after kill -9).
 
-    python -m grpo_gsm8k.s3server start  [--dir .s3] [--port 8333] [--bucket grpo-gsm8k]
-    python -m grpo_gsm8k.s3server status | stop | env
-    eval "$(python -m grpo_gsm8k.s3server env)"   # AWS_* variables for dvc / s3fs
+    python -m grpo_gsm8k.tools.s3server start  [--dir .s3] [--port 8333] [--bucket grpo-gsm8k]
+    python -m grpo_gsm8k.tools.s3server status | stop | env
+    eval "$(python -m grpo_gsm8k.tools.s3server env)"   # AWS_* variables for dvc / s3fs
 
 Credentials: the server takes its admin key from the environment it is started
 with. The defaults below are fixed values for this LOCAL dev server only; set
@@ -17,6 +17,8 @@ Ports: S3 gets --port (0 = any free one); master, volume, filer and admin (each 
 http + grpc port) get free ones, saved in <dir>/server.json and reused on restart.
 "Ready" means the bucket lists AND the master knows every volume on disk; after
 a restart that can take ~5 s (until the volume server's heartbeat).
+Why over 300 lines: starting, waiting for, reusing and stopping one SeaweedFS process safely (ports, pid files,
+sockets, a readiness probe) is one job; the command line at the end is a few lines.
 """
 
 from __future__ import annotations
@@ -242,8 +244,8 @@ class S3Server:
         if not port_is_free(self.port):
             if not self._auto_port:
                 raise S3ServerError(f"port {self.port} on {HOST} is in use by another program; stop it (another "
-                                    "checkout's server: python -m grpo_gsm8k.s3server stop there) or choose "
-                                    "another port: python -m grpo_gsm8k.s3server start --port <N>")
+                                    "checkout's server: python -m grpo_gsm8k.tools.s3server stop there) or choose "
+                                    "another port: python -m grpo_gsm8k.tools.s3server start --port <N>")
             self.port = 0
         if self.port == 0:
             self.port = pick_port_pair(taken)
@@ -346,7 +348,7 @@ def server_from_args(args: argparse.Namespace) -> S3Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m grpo_gsm8k.s3server", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m grpo_gsm8k.tools.s3server", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["start", "stop", "status", "env"])
     parser.add_argument("--dir", default=os.environ.get("GRPO_S3_DIR", ".s3"), help="data directory (default .s3)")
     parser.add_argument("--port", type=int, default=8333, help="S3 port (0 = any free port)")

@@ -19,6 +19,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from grpo_gsm8k.contracts import FIGURES  # noqa: E402
+from grpo_gsm8k.science.analysis import GRADINGS, MODELS, pair_by_question  # noqa: E402
+
 COLORS = {"base": "#4C72B0", "tuned": "#DD8452"}
 DPI = 120
 # Training panels beyond this many are dropped (listed in the stage's notes) to keep the figure legible.
@@ -209,7 +212,7 @@ def signal_panels(curves: dict[str, pd.DataFrame]) -> list[tuple[str, list[str]]
     """(title, curve names) of each learning-signal panel that has data, in reading order: the shares of groups
     without reward spread and of truncated completions, each reward component's mean (its std drawn as a band),
     the mean completion length and the LoRA update norm."""
-    from grpo_gsm8k.train_diagnostics import MEANS, UPDATE_NORM
+    from grpo_gsm8k.science.learning_signal import MEANS, UPDATE_NORM
 
     components = sorted(n for n in curves if n.startswith("rewards/") and n.endswith("/mean"))
     panels = [("share of groups / completions", [MEANS["zero_std_share"], MEANS["clipped_share"]]),
@@ -248,3 +251,24 @@ def plot_signal(path: Path, curves: dict[str, pd.DataFrame]) -> None:
                 ax.legend(fontsize=8, loc="best")
         steps = max(len(curves[n]) for _, names in panels for n in names)
         fig.suptitle(f"GRPO learning signal (dvclive; n = {steps} logged steps)")
+
+
+def draw_set_figures(folder: Path, result: dict, base: list[dict], tuned: list[dict], curves: dict) -> list[str]:
+    """Every figure of one evaluation set into `folder` (the training ones where curves were logged); their names."""
+    p = pair_by_question(base, tuned, GRADINGS["primary"])
+    boot, alpha = result["bootstrap"], result["design"]["alpha"]
+    plot_proportions(folder / FIGURES["proportion"], result["proportions"],
+                     {m: (w["low"], w["high"]) for m, w in result["wilson"].items()},
+                     {m: (boot[m]["low"], boot[m]["high"]) for m in MODELS}, int(p.qids.size),
+                     {m: c["total"] for m, c in result["counts"].items()}, alpha)
+    plot_differences(folder / FIGURES["difference"], p.qids.tolist(), p.tuned_scores - p.base_scores,
+                     boot["diff"], boot["ci_low"], boot["ci_high"], alpha)
+    plot_paired(folder / FIGURES["paired"], p.base_scores, p.tuned_scores)
+    plot_lengths(folder / FIGURES["lengths"], pd.DataFrame(
+        [{"model": m, "n_tokens": r["n_tokens"], "correct": r["correct"]} for m, rs in zip(MODELS, (base, tuned))
+         for r in rs]))
+    if curves:
+        plot_training(folder / FIGURES["training"], curves)
+    if signal_panels(curves):
+        plot_signal(folder / FIGURES["signal"], curves)
+    return sorted(path.name for path in folder.glob("*.png"))

@@ -7,7 +7,6 @@ rewrites the live dir from the checkpoint's log before appending, and ends with 
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -41,15 +40,6 @@ def restore_curves(live_dir: Path, checkpoint: Path) -> None:
     """Rewrite the live dir from a checkpoint's trainer_state.json (a finished run fetched onto a new machine)."""
     state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
     open_live(live_dir, state.get("log_history", [])).end()
-
-
-def read_metric(live_dir: Path, name: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of one logged metric, e.g. "loss" or "reward"; [] if it was never logged."""
-    tsv = Path(live_dir) / "plots" / "metrics" / f"{name}.tsv"
-    if not tsv.is_file():
-        return []
-    with tsv.open() as handle:
-        return [(int(row["step"]), float(row[Path(name).name])) for row in csv.DictReader(handle, delimiter="\t")]
 
 
 class LiveLogger(TrainerCallback):

@@ -2,13 +2,15 @@
 
     dvc exp run -S reward.variant=naive                     # one experiment per variant (or --queue them,
     dvc exp run -S reward.variant=correctness_only          #   then `dvc queue start`)
-    python -m grpo_gsm8k.variants --out reports/variants.md [--set study] [--all-commits]
+    python -m grpo_gsm8k.tools.variants --out reports/variants.md [--set study] [--all-commits]
 
 Reads `dvc exp show --json` (experiments of HEAD, or of every commit with --all-commits) and, at each
 experiment's revision through dvc.api, the evaluation set's completions for the length distributions. Writes
 --out and a figure beside it (reports/variants.png). Numbers come from the metrics DVC tracks per experiment;
 only the Wilson intervals (from correct/total) and the length quartiles are computed here. Rows are sorted by
 variant, settings and name, and the files carry no timestamps: the same experiments give the same files.
+Why over 300 lines: reading the experiments, the table, the audit and the figure of one comparison; each part is a
+few short functions, and the comparison is one command.
 """
 from __future__ import annotations
 
@@ -21,17 +23,21 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # headless, chosen before pyplot is imported (as in grpo_gsm8k/figures.py)
+matplotlib.use("Agg")  # headless, chosen before pyplot is imported (as in grpo_gsm8k/science/figures.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from grpo_gsm8k.figures import COLORS, DPI  # noqa: E402
+import yaml  # noqa: E402
+
+from grpo_gsm8k.contracts import ANSWER_METRICS, COMPLETIONS, STATS_SUFFIXES  # noqa: E402
 from grpo_gsm8k.io import atomic_file, fail  # noqa: E402
-from grpo_gsm8k.report_render import fmt_interval, fmt_num, fmt_p, fmt_pct, fmt_pp, header, md_escape, row  # noqa: E402
-from grpo_gsm8k.rewards import VARIANTS  # noqa: E402
-from grpo_gsm8k.stats import wilson_interval  # noqa: E402
+from grpo_gsm8k.science.figures import COLORS, DPI  # noqa: E402
+from grpo_gsm8k.science.report_format import (fmt_interval, fmt_num, fmt_p, fmt_pct, fmt_pp, header,  # noqa: E402
+                                              md_escape, row)
+from grpo_gsm8k.science.rewards import VARIANTS  # noqa: E402
+from grpo_gsm8k.science.stats import wilson_interval  # noqa: E402
 
 MODELS = ("base", "tuned")
 P_VALUES = ("p_two_proportion", "p_paired_t", "p_wilcoxon", "p_gee", "p_mcnemar")
@@ -42,17 +48,26 @@ BEHAVIOUR_KEYS = (*(f"{key}_{end}" for key in BEHAVIOUR_RATES for end in ("base"
                   *(f"p_{key}{end}" for key in BEHAVIOUR_RATES for end in ("", "_two_proportion")),
                   "p_mean_tokens", "p_accuracy_per_question", "degenerate")
 DONE_STATES = (None, "success")  # executor None: run in the workspace and finished
-NO_EXPERIMENTS = ("no DVC experiment has results/stats/{set}-metrics.json; run one per variant first, e.g. "
+NO_EXPERIMENTS = ("no DVC experiment has {stats}; run one per variant first, e.g. "
                   "`dvc exp run -S reward.variant=naive` (variants: {variants})")
 
 
-def metric_paths(set_name: str) -> dict[str, str]:
-    return {"base": f"results/baseline/{set_name}/metrics.json", "tuned": f"results/evaluate/{set_name}/metrics.json",
-            "stats": f"results/stats/{set_name}-metrics.json"}
+def declared_path(repo: Path, stage: str, kind: str, name: str, set_name: str) -> str:
+    """The path dvc.yaml declares for `stage`'s output (`kind`: outs or metrics) ending in `name`, for one
+    evaluation set: paths are written in dvc.yaml only; the file names inside each output are contracts'."""
+    dvc_yaml = Path(repo) / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        raise ValueError(f"{dvc_yaml} not found; run from the project root or pass --repo <project root>")
+    entries = yaml.safe_load(dvc_yaml.read_text())["stages"][stage].get(kind, [])
+    paths = [entry if isinstance(entry, str) else next(iter(entry)) for entry in entries]
+    return next(path for path in paths if path.endswith(name)).replace("${item.set}", set_name)
 
 
-def completion_path(model: str, set_name: str) -> str:
-    return f"results/{'baseline' if model == 'base' else 'evaluate'}/{set_name}/completions.jsonl"
+def metric_paths(repo: Path, set_name: str) -> dict[str, str]:
+    """The metrics files of one evaluation set that `dvc exp show` lists per experiment."""
+    return {"base": declared_path(repo, "baseline", "metrics", ANSWER_METRICS, set_name),
+            "tuned": declared_path(repo, "evaluate", "metrics", ANSWER_METRICS, set_name),
+            "stats": declared_path(repo, "stats", "metrics", STATS_SUFFIXES["metrics"], set_name)}
 
 
 def read_exp_show(repo: Path, all_commits: bool) -> list:
@@ -127,9 +142,9 @@ def usable_experiments(experiments: list[dict], paths: dict[str, str]) -> tuple[
     return usable, sorted(skipped)
 
 
-def variant_rows(experiments: list[dict], set_name: str) -> tuple[list[dict], list[str]]:
-    """One flat row of numbers per usable experiment, sorted by variant, settings and name; and the skip notes."""
-    paths = metric_paths(set_name)
+def variant_rows(experiments: list[dict], paths: dict[str, str]) -> tuple[list[dict], list[str]]:
+    """One flat row of numbers per usable experiment (`paths`: metric_paths), sorted by variant, settings and
+    name; and the skip notes."""
     usable, skipped = usable_experiments(experiments, paths)
     settings, rows = differing_settings(usable), []
     for exp in usable:
@@ -157,7 +172,9 @@ def read_lengths(repo: Path, rev: str, set_name: str) -> dict[str, list[int]] | 
     lengths = {}
     try:
         for model in MODELS:
-            with dvc.api.open(completion_path(model, set_name), repo=str(repo), rev=rev) as handle:
+            stage = "baseline" if model == "base" else "evaluate"
+            path = declared_path(repo, stage, "outs", COMPLETIONS, set_name)
+            with dvc.api.open(path, repo=str(repo), rev=rev) as handle:
                 lengths[model] = [json.loads(line)["n_tokens"] for line in handle if line.strip()]
     except Exception:  # noqa: BLE001 - not cached, no remote, no credentials...: all mean "no distribution"
         return None
@@ -244,7 +261,7 @@ def behaviours_table(rows: list[dict]) -> list[str]:
 def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str) -> str:
     no_lengths = [r["name"] for r in rows if lengths.get(r["rev"]) is None]
     lines = [f"# Reward variants on the `{set_name}` evaluation set", "",
-             "Generated by `python -m grpo_gsm8k.variants` from `dvc exp show --json`: one row per DVC experiment, "
+             "Generated by `python -m grpo_gsm8k.tools.variants` from `dvc exp show --json`: one row per DVC experiment, "
              "before = base model, after = GRPO-tuned. Settings lists the params that differ between experiments.",
              "", "## Accuracy", "", *accuracy_table(rows), "",
              f"![Accuracy and completion length per variant]({figure})", "",
@@ -316,9 +333,10 @@ def _plot_lengths(ax, rows: list[dict], lengths: dict, labels: list[str]) -> Non
 
 
 def run(repo: Path, out: Path, set_name: str = "study", all_commits: bool = False) -> list[dict]:
-    rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), set_name)
+    paths = metric_paths(repo, set_name)
+    rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), paths)
     if not rows:
-        raise ValueError(NO_EXPERIMENTS.format(set=set_name, variants=", ".join(VARIANTS)))
+        raise ValueError(NO_EXPERIMENTS.format(stats=paths["stats"], variants=", ".join(VARIANTS)))
     lengths = {r["rev"]: read_lengths(repo, r["rev"], set_name) for r in rows}
     figure = out.with_suffix(".png")
     with atomic_file(figure) as tmp_png, atomic_file(out) as tmp_md:  # both files or neither

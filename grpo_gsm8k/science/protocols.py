@@ -12,7 +12,7 @@ ignore_case lowercases; ignore_punctuation is false, so nothing else is removed)
 filters read this project's zero-shot chat completions (sampled or greedy), so the figures are comparable in
 grading, not in prompting.
 
-maj@k and pass@k read the answers as the project's grader (grpo_gsm8k.grading) extracts them.
+maj@k and pass@k read the answers as the project's grader (grpo_gsm8k.science.grading) extracts them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from grpo_gsm8k.grading import answers_match
+from grpo_gsm8k.science.grading import answers_match
 
 # gsm8k.yaml filter_list: "strict-match" takes the first `#### N`; "flexible-extract" the last number-like run.
 STRICT_PATTERN = re.compile(r"#### (\-?[0-9\.\,]+)")

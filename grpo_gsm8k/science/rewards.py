@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from grpo_gsm8k.grading import canonical_number, is_correct, is_plain_number
+from grpo_gsm8k.science.grading import canonical_number, is_correct, is_plain_number
 
 RewardFunc = Callable[..., list[float]]
 Completion = str | Sequence[dict[str, Any]]
@@ -259,4 +259,3 @@ def total_reward(completion: Completion, answer: str, n_tokens: int, knobs: Rewa
         for func in _cached_reward_funcs(knobs)
     ]
     return float(sum(rewards))
-

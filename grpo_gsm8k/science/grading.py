@@ -17,6 +17,8 @@ know about `####` (in "#### 72\\nChecked in 3 steps." it picks 3; an earlier "th
 "#### 72"), and costs ~1 ms per completion (tens of ms on a cold LaTeX path). So it only cross-checks:
 `Grade.graders_agree` flags completions where the two graders differ, which is where extraction bugs or reward
 hacking hide. The reward calls `is_correct` (primary only); evaluation calls `grade` (both).
+Why over 300 lines: one grader serves the reward and both evaluations, so every rule of reading an answer lives
+here, next to the others it must not contradict; the table tests in tests/test_grading.py follow its order.
 """
 
 from __future__ import annotations
