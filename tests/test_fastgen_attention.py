@@ -1,5 +1,5 @@
 """grpo_gsm8k.fastgen.attention on CPU: the plain-torch reference against SDPA with the additive mask exactly as
-fastgen_model.decode_step/_attend build it (so the reference the GPU tests trust is right), the SDPA fallback,
+fastgen/model.py decode_step/_attend build it (so the reference the GPU tests trust is right), the SDPA fallback,
 and, when `triton` is importable, the Triton kernels themselves under TRITON_INTERPRET=1 on small shapes."""
 from __future__ import annotations
 

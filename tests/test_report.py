@@ -59,7 +59,7 @@ def metrics_of(records: list[dict]) -> dict:
             "mean_reward": sum(r["reward"] for r in records) / total}
 
 
-# dvclive's curves under the names TRL and train_diagnostics log them (the learning-signal figure reads these).
+# dvclive's curves under the names TRL and training/diagnostics.py log them (the learning-signal figure reads these).
 LOGGED = ("loss", "reward", "frac_reward_zero_std", "completions/clipped_ratio", "completions/mean_length",
           "rewards/format_reward/mean", "rewards/format_reward/std", "lora/update_norm")
 LEARNED = {"zero_std_share": 0.2, "clipped_share": 0.1, "mean_completion_length": 60.0, "lora_update_norm": 0.0421,

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for fastgen's decode step (CUDA only; fastgen_model keeps a plain-torch path for the rest).
+"""Fused Triton kernels for fastgen's decode step (CUDA only; fastgen/model.py keeps a plain-torch path for the rest).
 
 A decode step at batch 24 is ~5.5 ms of weight-streaming GEMMs and, in plain torch, ~1,100 tiny elementwise
 kernels (RMSNorm alone is 7 per call, RoPE 5 per tensor). Inside a CUDA graph each still costs ~2-3 us, so they
@@ -20,7 +20,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: fastgen_model uses its torch path
+except ImportError:  # CPU-only installs: fastgen/model.py uses its torch path
     triton = None
 
 

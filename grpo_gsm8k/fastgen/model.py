@@ -231,7 +231,7 @@ def decode_step(pm: PackedModel, st: DecodeState, attend_len: int) -> torch.Tens
 
 def _attend(pm: PackedModel, st: DecodeState, i: int, q: torch.Tensor, mask: torch.Tensor | None,
             attend_len: int):
-    """q (B, Nq, D) -> attention output (B, Nq D). With `mask` None: the Triton split-K kernel (fastgen_attention),
+    """q (B, Nq, D) -> attention output (B, Nq D). With `mask` None: the Triton split-K kernel (fastgen/attention.py),
     reading only each row's visible slots. Else SDPA, the G query heads of a KV head passed as G query positions
     of one head, (B, Nkv, G, D): grouped-query attention without expanding the cache."""
     b, g = q.shape[0], pm.n_heads // pm.n_kv_heads
