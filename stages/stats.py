@@ -9,8 +9,8 @@ for every stage. Writes the numbers (counts, Wilson intervals, two-proportion z-
 per-question scores, clustered GEE, cluster bootstrap, McNemar, power, grading sensitivity, lengths, and the
 rewarded behaviours beside accuracy: full-format rate, share under reward.min_tokens, mean length) to --out,
 the figures to --figures and the per-question swap-ins/outs to --swaps, all-or-nothing: bad input writes nothing.
-The analysis is grpo_gsm8k/science/analysis.py (tests in grpo_gsm8k/science/stats.py), the figures
-grpo_gsm8k/science/figures.py; this module reads, validates and writes.
+The analysis is grpo_gsm8k/science/analysis.py (the statistical tests themselves grpo_gsm8k/science/stats.py),
+the figures grpo_gsm8k/science/figures.py; this module reads, validates and writes.
 """
 from __future__ import annotations
 
