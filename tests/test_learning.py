@@ -16,7 +16,7 @@ from grpo_gsm8k.modeling import prepare_base
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.science.rewards import format_score
 from stages import baseline, data, evaluate, select, train
-from tests.conftest import cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, cpu_params_dict, write_params
 from tests.rewards_for_tests import FORMAT_ONLY
 
 SHORT_ANSWER_PROMPT = "Answer the math problem. Reply with the final answer only, written as '#### <number>'."
@@ -35,7 +35,7 @@ def test_format_reward_is_learned_and_survives_save_and_load(tmp_path, smollm_di
         "reward.variant": FORMAT_ONLY,
         "generation.max_new_tokens": 32, "train.max_completion_length": 32, "train.max_steps": STEPS,
         "train.save_steps": STEPS, "train.learning_rate": 2e-4, "train.num_generations": 8,
-        "train.per_device_train_batch_size": 16, "train.checkpoint_remote": "", "select.step": STEPS})))
+        **ONE_BATCH, "train.checkpoint_remote": "", "select.step": STEPS})))
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     base = tmp_path / "base"
     prepare_base(str(smollm_dir), "main", base)

@@ -5,7 +5,7 @@ import torch
 
 from grpo_gsm8k.params import load_params
 from stages import data, train
-from tests.conftest import cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, cpu_params_dict, write_params
 
 
 def token_reward(completions, completion_ids, **_):
@@ -16,7 +16,7 @@ def token_reward(completions, completion_ids, **_):
 
 def test_base_weights_fixed_adapter_weights_change(tmp_path, tiny_model_dir):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**{
-        "model.source": str(tiny_model_dir), "data.train_questions": 8, "train.max_steps": 2,
+        **ONE_BATCH, "model.source": str(tiny_model_dir), "data.train_questions": 8, "train.max_steps": 2,
         "train.max_completion_length": 8, "reward.min_tokens": 4, "train.learning_rate": 1e-2,
         "train.checkpoint_remote": ""})))  # the study gate (50 tokens) is checked against 8; the reward here is token_reward
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from grpo_gsm8k.training.checkpoint_sync import RemoteStore
 from grpo_gsm8k.params import load_params
 from stages import data
-from tests.conftest import REPO, cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, REPO, cpu_params_dict, write_params
 from tests.rewards_for_tests import TOKEN_VARIANT
 
 STEPS = 6
@@ -40,7 +40,7 @@ MOVED = moved_bound(1e-2)  # 100 x TOLERANCE: the tiny-model runs of these tests
 def setup_run(folder: Path, tiny_model_dir: Path, remote: str) -> Path:
     folder.mkdir()
     params = write_params(folder / "params.yaml", cpu_params_dict(**{
-        "model.source": str(tiny_model_dir), "data.train_questions": 8 * STEPS, "train.max_steps": STEPS,
+        **ONE_BATCH, "model.source": str(tiny_model_dir), "data.train_questions": 8 * STEPS, "train.max_steps": STEPS,
         "train.save_steps": 1, "train.max_completion_length": 8, "train.learning_rate": 1e-2,
         "train.keep_checkpoints": 2, "train.checkpoint_remote": remote, "select.step": STEPS,
         "reward.variant": TOKEN_VARIANT}))

@@ -19,7 +19,7 @@ from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteStore
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.training.live_log import LiveLogger
 from stages import train
-from tests.conftest import cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, cpu_params_dict, write_params
 from tests.test_checkpoint_sync import write_checkpoint
 
 STEPS = 4
@@ -31,7 +31,8 @@ def stage_folder(folder: Path, remote: str = "") -> Path:
     (folder / "base" / "source.json").write_text(json.dumps({"kind": "local", "source": "tiny"}))
     (folder / "train.jsonl").write_text(json.dumps({"prompt": "1+1?", "answer": "2", "qid": "q0"}) + "\n")
     return write_params(folder / "params.yaml", cpu_params_dict(**{
-        "train.max_steps": STEPS, "train.save_steps": 2, "train.checkpoint_remote": remote, "select.step": STEPS}))
+        **ONE_BATCH, "train.max_steps": STEPS, "train.save_steps": 2, "train.checkpoint_remote": remote,
+        "select.step": STEPS}))
 
 
 def stage_paths(folder: Path) -> dict:
@@ -143,8 +144,9 @@ def test_fresh_machine_resuming_mid_run_from_s3_continues_the_same_curves(tmp_pa
     def prepare(folder: Path):
         folder.mkdir()
         params = load_params(write_params(folder / "params.yaml", cpu_params_dict(**{
-            "model.source": str(tiny_model_dir), "data.train_questions": 8 * steps, "train.max_steps": steps,
-            "train.save_steps": 1, "train.max_completion_length": 8, "reward.min_tokens": 4, "train.checkpoint_remote": remote,
+            **ONE_BATCH, "model.source": str(tiny_model_dir), "data.train_questions": 8 * steps,
+            "train.max_steps": steps, "train.save_steps": 1, "train.max_completion_length": 8, "reward.min_tokens": 4,
+            "train.checkpoint_remote": remote,
             "select.step": steps})))
         data.run(params.data, params.evaluation, params.seed, folder / "prepared")
         (folder / "base").mkdir()

@@ -13,7 +13,7 @@ from grpo_gsm8k.io import read_jsonl
 from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, resolve_source
 from grpo_gsm8k.params import load_params
 from stages import baseline, data, evaluate, select, stats, train
-from tests.conftest import REPO, cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, REPO, cpu_params_dict, write_params
 from tests.rewards_for_tests import TOKEN_VARIANT
 from tests.test_resume import MOVED, TOLERANCE, distance_from_init, max_difference
 
@@ -21,7 +21,8 @@ from tests.test_resume import MOVED, TOLERANCE, distance_from_init, max_differen
 def tiny_params(tmp_path, model_dir, **overrides):
     """A reward that varies within groups: the study's would be 0 for every 8-token random completion, so the
     adapter would never move and "resumed equals uninterrupted" could not fail."""
-    settings = {"model.source": str(model_dir), "data.train_questions": 16, "reward.variant": TOKEN_VARIANT,
+    settings = {**ONE_BATCH, "model.source": str(model_dir), "data.train_questions": 16,
+                "reward.variant": TOKEN_VARIANT,
                 "train.learning_rate": 1e-2,
                 "evaluation.sets.study.questions": 3, "evaluation.sets.study.samples": 2,
                 "evaluation.sets.test.questions": 2, "generation.max_new_tokens": 8, "generation.batch_size": 4,

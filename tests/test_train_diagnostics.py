@@ -98,10 +98,10 @@ def test_train_stage_summarises_and_warns_on_a_run_without_signal(tmp_path, tiny
     """A random 2-layer model never writes '####': every group gets reward 0, the adapter cannot move."""
     from grpo_gsm8k.params import load_params
     from stages import data, train
-    from tests.conftest import cpu_params_dict, write_params
+    from tests.conftest import ONE_BATCH, cpu_params_dict, write_params
 
     params = load_params(write_params(tmp_path / "params.yaml", cpu_params_dict(**{
-        "model.source": str(tiny_model_dir), "data.train_questions": 8, "train.max_steps": 1,
+        **ONE_BATCH, "model.source": str(tiny_model_dir), "data.train_questions": 8, "train.max_steps": 1,
         "train.save_steps": 1, "train.max_completion_length": 8, "reward.min_tokens": 8,
         "reward.full_tokens": 8, "train.checkpoint_remote": "", "select.step": 1})))
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")

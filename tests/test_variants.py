@@ -13,7 +13,7 @@ import pytest
 
 from grpo_gsm8k.science.report_format import fmt_num, fmt_p, fmt_pct, fmt_pp
 from grpo_gsm8k.tools import variants
-from tests.conftest import REPO, cpu_params_dict, dvc, run, write_params
+from tests.conftest import ONE_BATCH, REPO, cpu_params_dict, dvc, run, write_params
 
 STUDY_PATHS = variants.metric_paths(REPO, "study")  # where dvc.yaml puts the study set's metrics
 
@@ -170,7 +170,7 @@ TINY = {  # the CPU preset shrunk to seconds per stage on the tiny random model
     "evaluation.sets.test.samples": 1, "generation.max_new_tokens": 8, "train.max_steps": 2, "train.save_steps": 1,
     "train.max_completion_length": 8, "reward.min_tokens": 4, "data.train_questions": 8, "train.checkpoint_remote": "",
     "select.step": 2,
-    "stats.bootstrap_samples": 200,
+    "stats.bootstrap_samples": 200, **ONE_BATCH,
 }
 QUEUE_WAIT_S = 420
 
