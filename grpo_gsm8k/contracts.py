@@ -29,8 +29,11 @@ TRAIN_SUMMARY_KEYS = ("run_id", "global_step", "resumed_from_step", "mean_loss",
                       "lora_update_norm", "rewards")
 LIVE_METRICS = Path("plots") / "metrics"  # dvclive writes <logged name>.tsv under it, one row per logged step
 
-# select stage -> models/adapter/ and results/select.json
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# select stage -> models/adapter/ and results/select.json; the card stage -> models/adapter/README.md
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names: PeftModel.from_pretrained(base, folder) reads these two
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+MODEL_CARD = "README.md"  # the Hugging Face model card, read by the hub when the folder is uploaded
 SELECT_KEYS = ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint")
 
 # stats stage -> results/stats/<set>.json, <set>-swaps.json, <set>-metrics.json and reports/figures/<set>/
