@@ -22,6 +22,8 @@ COMPLETION_FIELDS = {"qid": int, "sample": int, "question": str, "gold": str, "c
                      "correct": bool, "ambiguous": bool, "mv_correct": bool}  # what the stats stage reads of each
 ANSWER_METRICS_KEYS = ("correct", "total", "format_rate", "mean_tokens", "truncated_rate", "ambiguous",
                        "math_verify_correct")
+# also in metrics.json, read by the card stage (the greedy two are None when evaluation.greedy is off)
+ACCURACY_KEYS = ("accuracy", "questions", "greedy_correct", "greedy_accuracy")
 
 # train stage -> results/train/summary.json and the dvclive folder results/train/live/
 TRAIN_SUMMARY_KEYS = ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
