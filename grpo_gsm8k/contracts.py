@@ -22,6 +22,8 @@ COMPLETION_FIELDS = {"qid": int, "sample": int, "question": str, "gold": str, "c
                      "correct": bool, "ambiguous": bool, "mv_correct": bool}  # what the stats stage reads of each
 ANSWER_METRICS_KEYS = ("correct", "total", "format_rate", "mean_tokens", "truncated_rate", "ambiguous",
                        "math_verify_correct")
+# also in metrics.json, read by the card stage (the greedy two are None when evaluation.greedy is off)
+ACCURACY_KEYS = ("accuracy", "questions", "greedy_correct", "greedy_accuracy")
 
 # train stage -> results/train/summary.json and the dvclive folder results/train/live/
 TRAIN_SUMMARY_KEYS = ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
@@ -29,8 +31,11 @@ TRAIN_SUMMARY_KEYS = ("run_id", "global_step", "resumed_from_step", "mean_loss",
                       "lora_update_norm", "rewards")
 LIVE_METRICS = Path("plots") / "metrics"  # dvclive writes <logged name>.tsv under it, one row per logged step
 
-# select stage -> models/adapter/ and results/select.json
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# select stage -> models/adapter/ and results/select.json; the card stage -> models/adapter/README.md
+ADAPTER_CONFIG = "adapter_config.json"  # peft's names: PeftModel.from_pretrained(base, folder) reads these two
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+MODEL_CARD = "README.md"  # the Hugging Face model card, read by the hub when the folder is uploaded
 SELECT_KEYS = ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint")
 
 # stats stage -> results/stats/<set>.json, <set>-swaps.json, <set>-metrics.json and reports/figures/<set>/

@@ -10,12 +10,13 @@ the peak of the moving average (over `select.smoothing_window` logged points) of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
-from grpo_gsm8k.contracts import ADAPTER_FILES, read_metric
-from grpo_gsm8k.io import atomic_output_dir, fail, write_json
+from grpo_gsm8k.contracts import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, read_metric
+from grpo_gsm8k.io import atomic_file, fail, write_json
 from grpo_gsm8k.params import SelectParams, load_params
 from grpo_gsm8k.training.checkpoint_sync import local_checkpoints, local_is_complete
 
@@ -63,9 +64,13 @@ def run(select: SelectParams, checkpoints: Path, live_dir: Path, adapter_dir: Pa
         "saved_steps": sorted(saved),
         "checkpoint": chosen.name,
     }
-    with atomic_output_dir(adapter_dir) as tmp:
-        shutil.copy2(chosen / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
-        write_json(tmp / "adapter_config.json", canonical_adapter_config(chosen / "adapter_config.json"))
+    # The two adapter files only (the card stage writes the folder's README.md), renamed into place once both are
+    # written.
+    with contextlib.ExitStack() as stack:
+        weights = stack.enter_context(atomic_file(adapter_dir / ADAPTER_WEIGHTS))
+        config = stack.enter_context(atomic_file(adapter_dir / ADAPTER_CONFIG))
+        shutil.copy2(chosen / ADAPTER_WEIGHTS, weights)
+        write_json(config, canonical_adapter_config(chosen / ADAPTER_CONFIG))
     write_json(out_json, record)
     return record
 

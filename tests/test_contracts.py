@@ -43,6 +43,22 @@ def test_consumers_get_the_folders_the_contract_names_files_in():
     assert f"data/prepared/{contracts.EVAL_FOLDER}/${{item.set}}.jsonl" in STAGES["baseline"]["cmd"]
 
 
+def test_the_adapter_folder_holds_the_select_stage_files_and_the_card():
+    """DVC outs cannot overlap: select declares the adapter files, the card stage the README.md beside them, and
+    whoever reads the adapter depends on its files (a dep on the folder would include the card, written later)."""
+    files = [f"models/adapter/{name}" for name in contracts.ADAPTER_FILES]
+    assert sorted(declared("select", "outs")) == sorted(files)
+    assert declared("card", "outs") == [f"models/adapter/{contracts.MODEL_CARD}"]
+    for stage in ("select", "evaluate", "card"):
+        assert "--adapter models/adapter " in " ".join(STAGES[stage]["cmd"].split())
+    for stage in ("evaluate", "card"):
+        assert set(files) <= set(declared(stage, "deps")) and "models/adapter" not in declared(stage, "deps")
+    card = " ".join(STAGES["card"]["cmd"].split())
+    for flag, path in (("--select", "results/select.json"), ("--baseline", "results/baseline"),
+                       ("--evaluate", "results/evaluate")):
+        assert f"{flag} {path}" in card and path in declared("card", "deps")
+
+
 def test_plotted_figures_are_the_stats_stage_figures():
     figures = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in PLOTS]
     pngs = [path.rsplit("/", 1)[1] for path in figures if path.startswith("reports/figures/")]
