@@ -163,6 +163,22 @@ def test_outside_a_dvc_repository_is_an_error(tmp_path):
         variants.read_exp_show(tmp_path, all_commits=False)
 
 
+def test_behaviour_rows_per_experiment():
+    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), STUDY_PATHS)
+    table = table_rows(variants.render_markdown(rows, LENGTHS, skipped, "study", "variants.png"),
+                       "Rewarded behaviours beside accuracy")
+    assert list(table) == ["study-exp", "naive-exp", "only-exp"]
+    assert table["naive-exp"][2:] == [
+        "30.0% → 20.0% (per-question p = 0.6400; z-test p = 0.0123)",
+        "12.6% → 99.8% (per-question p = <1e-4; z-test p = <1e-4)",
+        "3.0% → 40.0% (per-question p = 0.0020; z-test p = 0.0010)",
+        "120.0 → 30.5 (per-question p = 0.0003)",
+        "**yes**: shorter or more formatted, accuracy not better"]
+    # an experiment from before the behaviours were tested: its rates are n/a, not 0
+    assert table["study-exp"][3] == "n/a → n/a (per-question p = n/a; z-test p = n/a)"
+    assert table["study-exp"][-1] == "n/a"
+
+
 # --- real experiments --------------------------------------------------------------------------------------------
 
 TINY = {  # the CPU preset shrunk to seconds per stage on the tiny random model
@@ -198,22 +214,6 @@ def shown_experiments(repo: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
-def test_behaviour_rows_per_experiment():
-    rows, skipped = variants.variant_rows(variants.collect_experiments(exp_show()), STUDY_PATHS)
-    table = table_rows(variants.render_markdown(rows, LENGTHS, skipped, "study", "variants.png"),
-                       "Rewarded behaviours beside accuracy")
-    assert list(table) == ["study-exp", "naive-exp", "only-exp"]
-    assert table["naive-exp"][2:] == [
-        "30.0% → 20.0% (per-question p = 0.6400; z-test p = 0.0123)",
-        "12.6% → 99.8% (per-question p = <1e-4; z-test p = <1e-4)",
-        "3.0% → 40.0% (per-question p = 0.0020; z-test p = 0.0010)",
-        "120.0 → 30.5 (per-question p = 0.0003)",
-        "**yes**: shorter or more formatted, accuracy not better"]
-    # an experiment from before the behaviours were tested: its rates are n/a, not 0
-    assert table["study-exp"][3] == "n/a → n/a (per-question p = n/a; z-test p = n/a)"
-    assert table["study-exp"][-1] == "n/a"
-
-
 def test_variants_as_dvc_experiments(repo_copy, tiny_model_dir):
     env = {"HF_HUB_OFFLINE": "1"}
     # Absolute: queued experiments run in temporary copies of the commit, elsewhere on disk.
