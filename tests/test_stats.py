@@ -339,3 +339,24 @@ def test_two_proportion_flags_small_expected_counts(x_tuned, x_base, warns):
 def test_cluster_bootstrap_flags_a_model_at_zero():
     result = st.cluster_bootstrap([0] * 20, [5] * 20, [1] + [0] * 19, [5] * 20, 100, seed=0)
     assert result["base"] == {"low": 0.0, "high": 0.0} and "base scored 0%" in result["note"]
+
+
+# Between-seed spread, by hand; t quantiles from a printed table: t(0.975; 1) = 12.7062, t(0.975; 2) = 4.3027,
+# t(0.95; 3) = 2.3534.
+@pytest.mark.parametrize("values, alpha, expected, note", [
+    # mean 0.2; sd = sqrt((0.01 + 0 + 0.01) / 2) = 0.1; half width 4.3027 * 0.1 / sqrt(3) = 0.24841
+    ([0.1, 0.2, 0.3], 0.05, (3, 0.2, 0.1, 0.1, 0.3, -0.04841, 0.44841, 2), ""),
+    # differences of the variants test: 0.4, 0.2, 0.5; mean 0.36667, sd sqrt(0.046667 / 2) = 0.15275, half 0.37946
+    ([0.4, 0.2, 0.5], 0.05, (3, 0.36667, 0.15275, 0.2, 0.5, -0.01279, 0.74612, 2), ""),
+    # 4 seeds at alpha 0.1: mean 0.2, sd sqrt(4 * 0.01 / 3) = 0.11547, half 2.3534 * 0.11547 / 2 = 0.13587
+    ([0.1, 0.3, 0.1, 0.3], 0.1, (4, 0.2, 0.11547, 0.1, 0.3, 0.06413, 0.33587, 3), ""),
+    # 2 seeds: sd 0.5 / sqrt(2) = 0.35355, half 12.7062 * 0.35355 / sqrt(2) = 3.17655: honest, and wide
+    ([0.0, 0.5], 0.05, (2, 0.25, 0.35355, 0.0, 0.5, -2.92655, 3.42655, 1), "1 degree of freedom"),
+    ([-0.05, -0.05, -0.05], 0.05, (3, -0.05, 0.0, -0.05, -0.05, -0.05, -0.05, 2), "the same value"),
+    ([0.4], 0.05, (1, 0.4, math.nan, 0.4, 0.4, math.nan, math.nan, 0), "1 seed"),
+])
+def test_between_seed_spread_matches_hand_computation(values, alpha, expected, note):
+    result = st.between_seed_spread(values, alpha)
+    keys = ("n", "mean", "sd", "min", "max", "low", "high", "df")
+    assert tuple(result[k] for k in keys) == pytest.approx(expected, abs=1e-4, nan_ok=True)
+    assert (note in result["note"]) if note else result["note"] == ""

@@ -40,6 +40,11 @@ def fmt_pp(x) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f} pp"
 
 
+def fmt_spread(x) -> str:
+    """A spread of proportions (a standard deviation) in unsigned percentage points: 0.053 -> '5.3 pp'."""
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f} pp"
+
+
 def fmt_num(x, digits: int = 2) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 

@@ -6,8 +6,8 @@ reads the completions and writes the results is `python -m stages.stats --help`.
 
 Conventions: differences are tuned - base; tests are two-sided; a question is "majority correct" when more than
 half of its samples are correct (with an even number of samples a tie counts as not correct).
-Why over 300 lines: one small function per statistical test, each checked against an independent computation in
-tests/test_stats.py; they share the conventions above (None p-values with a note, seeded bootstraps).
+Why over 300 lines: one small function per statistical test or summary, each checked against an independent
+computation in tests/test_stats.py; they share the conventions above (None p-values with a note, seeded bootstraps).
 """
 from __future__ import annotations
 
@@ -305,3 +305,21 @@ def cohens_kappa(a: Sequence[bool], b: Sequence[bool]) -> dict:
         return {"agreement": observed, "kappa": NAN,
                 "note": "both graders gave every answer the same label: kappa undefined"}
     return {"agreement": observed, "kappa": (observed - chance) / (1 - chance), "note": ""}
+
+
+def between_seed_spread(values: Sequence[float], alpha: float = 0.05) -> dict:
+    """One number (an accuracy, a difference) over n seeds: mean, sample sd (n - 1), min, max, and the t interval of
+    the mean with n - 1 degrees of freedom. It treats the seeds as draws from every seed the study could have run."""
+    x = np.asarray(values, float)
+    n, mean = int(x.size), float(x.mean())
+    spread = {"n": n, "mean": mean, "min": float(x.min()), "max": float(x.max()), "df": max(n - 1, 0)}
+    if n < 2:
+        return {**spread, "sd": NAN, "low": NAN, "high": NAN, "note": f"{n} seed: no spread, no interval"}
+    # All equal: exactly 0, not the rounding residue of a mean that is not representable (3 x 0.05).
+    sd = 0.0 if spread["min"] == spread["max"] else float(x.std(ddof=1))
+    t = float(scipy_stats.t.ppf(1 - alpha / 2, n - 1))
+    half = t * sd / math.sqrt(n)
+    note = ("every seed gave the same value: the interval is a point" if sd == 0 else
+            f"2 seeds: 1 degree of freedom (t = {t:.1f}), so the interval is wide; more seeds narrow it" if n == 2
+            else "")
+    return {**spread, "sd": sd, "low": mean - half, "high": mean + half, "note": note}

@@ -2,15 +2,18 @@
 
     dvc exp run -S reward.variant=naive                     # one experiment per variant (or --queue them,
     dvc exp run -S reward.variant=correctness_only          #   then `dvc queue start`)
+    dvc exp run --queue -S seed=1,2,3 && dvc queue start     # one variant over three seeds
     python -m grpo_gsm8k.tools.variants --out reports/variants.md [--set study] [--all-commits]
 
 Reads `dvc exp show --json` (experiments of HEAD, or of every commit with --all-commits) and, at each
 experiment's revision through dvc.api, the evaluation set's completions for the length distributions. Writes
 --out and a figure beside it (reports/variants.png). Numbers come from the metrics DVC tracks per experiment;
-only the Wilson intervals (from correct/total) and the length quartiles are computed here. Rows are sorted by
-variant, settings and name, and the files carry no timestamps: the same experiments give the same files.
+only the Wilson intervals (from correct/total) and the length quartiles are computed here. Experiments of one commit
+whose params differ only in `seed` also get one between-seed row and a figure panel (grpo_gsm8k/science/seeds.py).
+Rows are sorted by variant, settings, commit, seed and name, and the files carry no timestamps: the same experiments give
+the same files.
 Why over 300 lines: reading the experiments, the table, the audit and the figure of one comparison; each part is a
-few short functions, and the comparison is one command.
+few short functions, and the comparison is one command (the seed aggregate lives in science/seeds.py).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from grpo_gsm8k.science.figures import COLORS, DPI  # noqa: E402
 from grpo_gsm8k.science.report_format import (fmt_interval, fmt_num, fmt_p, fmt_pct, fmt_pp, header,  # noqa: E402
                                               md_escape, row)
 from grpo_gsm8k.science.rewards import VARIANTS  # noqa: E402
+from grpo_gsm8k.science.seeds import plot_seed_spread, seed_groups, seed_section, seed_summary  # noqa: E402
 from grpo_gsm8k.science.stats import wilson_interval  # noqa: E402
 
 MODELS = ("base", "tuned")
@@ -79,11 +83,12 @@ def read_exp_show(repo: Path, all_commits: bool) -> list:
     return json.loads(done.stdout)
 
 
-def _experiment(entry: dict, name: str, kind: str, state: str | None) -> dict:
+def _experiment(entry: dict, name: str, kind: str, state: str | None, commit: str) -> dict:
     data = entry.get("data") or {}
     metrics = {path: (found.get("data") or {}) for path, found in (data.get("metrics") or {}).items()}
     params = ((data.get("params") or {}).get("params.yaml") or {}).get("data") or {}
-    return {"name": name, "rev": entry["rev"], "kind": kind, "state": state, "params": params, "metrics": metrics}
+    return {"name": name, "rev": entry["rev"], "kind": kind, "state": state, "params": params, "metrics": metrics,
+            "commit": commit}
 
 
 def collect_experiments(show: list) -> list[dict]:
@@ -92,11 +97,11 @@ def collect_experiments(show: list) -> list[dict]:
     for commit in show:
         if commit.get("rev") == "workspace":
             continue
-        found.append(_experiment(commit, commit.get("name") or commit["rev"][:7], "commit", None))
+        found.append(_experiment(commit, commit.get("name") or commit["rev"][:7], "commit", None, commit["rev"]))
         for exp in commit.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
             name = exp.get("name") or exp["revs"][0]["rev"][:7]
-            found.append(_experiment(exp["revs"][0], name, "experiment", state))
+            found.append(_experiment(exp["revs"][0], name, "experiment", state, commit["rev"]))
     return found
 
 
@@ -108,10 +113,10 @@ def flatten(params: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def differing_settings(experiments: list[dict]) -> dict[str, str]:
-    """Per experiment revision, the params (besides reward.variant) whose values differ among the experiments."""
+def differing_settings(experiments: list[dict], leave_out: tuple[str, ...] = ("reward.variant",)) -> dict[str, str]:
+    """Per experiment revision, the params (besides `leave_out`) whose values differ among the experiments."""
     flats = {e["rev"]: flatten(e["params"]) for e in experiments}
-    keys = sorted({k for flat in flats.values() for k in flat} - {"reward.variant"})
+    keys = sorted({k for flat in flats.values() for k in flat} - set(leave_out))
     varying = [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in flats.values()}) > 1]
     # Code spans keep underscores literal; a pipe would still end the table cell, so it is escaped.
     return {rev: ", ".join(f"`{k}={flat.get(k)}`".replace("|", "\\|") for k in varying)
@@ -147,11 +152,17 @@ def variant_rows(experiments: list[dict], paths: dict[str, str]) -> tuple[list[d
     name; and the skip notes."""
     usable, skipped = usable_experiments(experiments, paths)
     settings, rows = differing_settings(usable), []
+    group_settings = differing_settings(usable, ("reward.variant", "seed"))
     for exp in usable:
+        flat = flatten(exp["params"])
         alpha = float(exp["params"].get("stats", {}).get("alpha", 0.05))
         stats, reward = exp["metrics"][paths["stats"]], exp["params"].get("reward", {})
         rows.append({"name": exp["name"], "rev": exp["rev"], "variant": reward.get("variant", "?"),
                      "settings": settings[exp["rev"]], "alpha": alpha, "min_tokens": reward.get("min_tokens"),
+                     "seed": flat.get("seed"), "group_settings": group_settings[exp["rev"]],
+                     # experiments alike in all but the seed, and of one commit (other code is another experiment)
+                     "group": (exp["commit"], json.dumps({k: v for k, v in flat.items() if k != "seed"},
+                                                         sort_keys=True)),
                      **_model_numbers("base", exp["metrics"][paths["base"]], alpha),
                      **_model_numbers("tuned", exp["metrics"][paths["tuned"]], alpha),
                      "difference": stats.get("difference"), "diff_low": stats.get("difference_ci_low"),
@@ -160,8 +171,15 @@ def variant_rows(experiments: list[dict], paths: dict[str, str]) -> tuple[list[d
                      "mean_reward": exp["metrics"][paths["tuned"]].get("mean_reward")})
     order = list(VARIANTS)
     rows.sort(key=lambda r: (order.index(r["variant"]) if r["variant"] in order else len(order), r["variant"],
-                             r["settings"], r["name"], r["rev"]))
+                             r["group_settings"], r["group"][0], _seed_order(r["seed"]), r["settings"], r["name"],
+                             r["rev"]))
     return rows, skipped
+
+
+def _seed_order(seed) -> tuple:
+    """Seeds in numeric order (2 before 10); a missing or non-numeric one after them."""
+    numeric = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+    return (0, seed, "") if numeric else (1, 0, str(seed))
 
 
 def read_lengths(repo: Path, rev: str, set_name: str) -> dict[str, list[int]] | None:
@@ -258,13 +276,15 @@ def behaviours_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str) -> str:
+def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_name: str, figure: str,
+                    seeds: list[dict] = ()) -> str:
+    """`seeds`: a seed_summary per group of experiments differing only in seed."""
     no_lengths = [r["name"] for r in rows if lengths.get(r["rev"]) is None]
     lines = [f"# Reward variants on the `{set_name}` evaluation set", "",
              "Generated by `python -m grpo_gsm8k.tools.variants` from `dvc exp show --json`: one row per DVC experiment, "
              "before = base model, after = GRPO-tuned. Settings lists the params that differ between experiments.",
              "", "## Accuracy", "", *accuracy_table(rows), "",
-             f"![Accuracy and completion length per variant]({figure})", "",
+             f"![Accuracy and completion length per variant]({figure})", "", *seed_section(seeds),
              "## Rewarded behaviours beside accuracy", "",
              "The stats stage's tests of what the reward pays for, base → tuned: the share of completions earning "
              "the whole format reward, the share under reward.min_tokens (tokens as the reward counts them) and the "
@@ -284,11 +304,14 @@ def render_markdown(rows: list[dict], lengths: dict, skipped: list[str], set_nam
     return "\n".join(lines)
 
 
-def plot_variants(path: Path, rows: list[dict], lengths: dict) -> None:
-    """Accuracy before/after with Wilson intervals, and the completion-length distribution, per experiment."""
+def plot_variants(path: Path, rows: list[dict], lengths: dict, seeds: list[dict] = ()) -> None:
+    """Accuracy before/after with Wilson intervals, and the completion-length distribution, per experiment; and
+    where experiments differ only in seed, each seed's difference per group."""
     labels, level = [f"{r['variant']}\n{r['name']}" for r in rows], _level(rows)
+    widths = [max(11.0, 2.6 * len(rows)) / 2] * 2 + ([max(4.5, 2.6 * len(seeds))] if seeds else [])  # inches
     with sns.axes_style("whitegrid"), sns.plotting_context("notebook"):
-        fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(max(11.0, 2.6 * len(rows)), 5.5))
+        fig, axes = plt.subplots(1, len(widths), figsize=(sum(widths), 5.5), width_ratios=widths)
+        acc_ax, len_ax = axes[:2]
         try:
             for offset, model in ((-0.12, "base"), (0.12, "tuned")):
                 y = np.array([r[f"{model}_accuracy"] for r in rows])
@@ -301,6 +324,8 @@ def plot_variants(path: Path, rows: list[dict], lengths: dict) -> None:
             acc_ax.set_title("Accuracy per variant")
             acc_ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=9)
             _plot_lengths(len_ax, rows, lengths, labels)
+            if seeds:
+                plot_seed_spread(axes[2], seeds)
             fig.tight_layout()
             # format: the temporary name has no .png suffix; no software stamp, so reruns are byte-identical.
             fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
@@ -337,11 +362,12 @@ def run(repo: Path, out: Path, set_name: str = "study", all_commits: bool = Fals
     rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), paths)
     if not rows:
         raise ValueError(NO_EXPERIMENTS.format(stats=paths["stats"], variants=", ".join(VARIANTS)))
+    seeds = [seed_summary(group) for group in seed_groups(rows)]
     lengths = {r["rev"]: read_lengths(repo, r["rev"], set_name) for r in rows}
     figure = out.with_suffix(".png")
     with atomic_file(figure) as tmp_png, atomic_file(out) as tmp_md:  # both files or neither
-        plot_variants(tmp_png, rows, lengths)
-        tmp_md.write_text(render_markdown(rows, lengths, skipped, set_name, figure.name))
+        plot_variants(tmp_png, rows, lengths, seeds)
+        tmp_md.write_text(render_markdown(rows, lengths, skipped, set_name, figure.name, seeds))
     return rows
 
 
