@@ -12,6 +12,7 @@ from pathlib import Path
 
 # data stage -> data/prepared/
 TRAIN_PROMPTS = "train.jsonl"
+VALIDATION_PROMPTS = "validation.jsonl"  # held-out train questions, never in train.jsonl (same row fields)
 EVAL_FOLDER = "eval"  # one <set>.jsonl per evaluation set
 
 # baseline and evaluate stages -> results/<stage>/<set>/
@@ -28,7 +29,7 @@ ACCURACY_KEYS = ("accuracy", "questions", "greedy_correct", "greedy_accuracy")
 # train stage -> results/train/summary.json and the dvclive folder results/train/live/
 TRAIN_SUMMARY_KEYS = ("run_id", "global_step", "resumed_from_step", "mean_loss", "mean_reward", "final_reward",
                       "uploaded_steps", "remote", "zero_std_share", "clipped_share", "mean_completion_length",
-                      "lora_update_norm", "rewards")
+                      "lora_update_norm", "rewards", "validation")
 LIVE_METRICS = Path("plots") / "metrics"  # dvclive writes <logged name>.tsv under it, one row per logged step
 
 # select stage -> models/adapter/ and results/select.json; the card stage -> models/adapter/README.md
@@ -36,7 +37,9 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's names: PeftModel.from_pretraine
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_CARD = "README.md"  # the Hugging Face model card, read by the hub when the folder is uploaded
-SELECT_KEYS = ("step", "reason", "rule", "rule_step", "saved_steps", "checkpoint")
+SELECT_KEYS = ("step", "reason", "rule", "rule_step", "validation_rule", "validation_step", "validation_accuracy",
+               "saved_steps", "checkpoint")
+SELECTION_FIGURE = "selection.png"  # the select stage's figure, inside the report's figures folder
 
 # stats stage -> results/stats/<set>.json, <set>-swaps.json, <set>-metrics.json and reports/figures/<set>/
 STATS_KEYS = ("counts", "proportions", "wilson", "two_proportion", "per_question", "gee", "bootstrap", "mcnemar",

@@ -4,6 +4,8 @@ params.yaml is the only place a study value is written: no field here has a defa
 error that names it, as is an unknown key, an out-of-range value or a file that is not valid YAML (one
 `ParamsError` line naming the param, or the file:line:column, and the fix). Stages call `load_params(path)` and
 read only the sections they declare in dvc.yaml.
+Why over 300 lines: one frozen dataclass per params.yaml section, each with the checks that name its bad values,
+and the loader that names unknown, missing and mistyped keys; together they are the one definition of the params.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import yaml
 
 from grpo_gsm8k.science.rewards import RewardKnobs
 
+# step: select.step, chosen by hand (the study); validation: the best smoothed validation accuracy
+SELECT_RULES = ("step", "validation")
 
 class ParamsError(ValueError):
     """A param is unknown, missing or out of range; the message names it and the fix."""
@@ -28,9 +32,12 @@ class DataParams:
     system_prompt: str
     hub_config: str
     train_questions: int | str
+    validation_questions: int
 
     def validate(self) -> None:
         _check_count("data.train_questions", self.train_questions)
+        _check(self.validation_questions >= 0, f"data.validation_questions={self.validation_questions} must be >= 0 "
+               "(0 turns the validation pass off)")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class TrainParams:
     max_completion_length: int
     save_steps: int
     logging_steps: int
+    eval_steps: int
     lora: LoraParams
     lr_scheduler_type: str
     warmup_steps: int
@@ -121,7 +129,7 @@ class TrainParams:
 
     def validate(self) -> None:
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
-                     "logging_steps", "max_completion_length", "keep_checkpoints", "num_processes"):
+                     "logging_steps", "eval_steps", "max_completion_length", "keep_checkpoints", "num_processes"):
             value = getattr(self, name)
             _check(value >= 1, f"train.{name}={value} must be >= 1")
         _check(self.num_generations >= 2, f"train.num_generations={self.num_generations} must be >= 2 "
@@ -143,17 +151,25 @@ class TrainParams:
         _check(self.gradient_checkpointing in (True, False, "auto"),
                f"train.gradient_checkpointing={self.gradient_checkpointing!r} must be true, false or auto")
         _check(self.compile in (True, False, "auto"), f"train.compile={self.compile!r} must be true, false or auto")
+        # The validation rule chooses among checkpoints, so every validated step must be saved.
+        _check(self.eval_steps % self.save_steps == 0,
+               f"train.eval_steps={self.eval_steps} must be a multiple of train.save_steps={self.save_steps}, so "
+               "every validated step has a checkpoint; change either")
         self.lora.validate()
 
 
 @dataclass(frozen=True)
 class SelectParams:
     step: int
+    rule: str
     smoothing_window: int
+    validation_window: int
 
     def validate(self) -> None:
         _check(self.step >= 1, f"select.step={self.step} must be >= 1")
+        _check_choice("select.rule", self.rule, SELECT_RULES)
         _check(self.smoothing_window >= 1, f"select.smoothing_window={self.smoothing_window} must be >= 1")
+        _check(self.validation_window >= 1, f"select.validation_window={self.validation_window} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -200,6 +216,9 @@ class Params:
                f"reward.min_tokens={self.reward.min_tokens} is above train.max_completion_length="
                f"{self.train.max_completion_length}: no completion is long enough to earn the correctness reward; "
                "lower reward.min_tokens or raise train.max_completion_length")
+        _check(self.select.rule != "validation" or self.data.validation_questions > 0,
+               "select.rule=validation needs validation answers, but data.validation_questions=0; set it above 0 "
+               "(e.g. 200) or use select.rule=step")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -3,9 +3,11 @@
     python -m stages.data --params params.yaml --out data/prepared
 
 Reads GSM8K from a local folder of train/test jsonl (the shipped `data/gsm8k`), or through `datasets` for a hub id
-(`openai/gsm8k`), writes `train.jsonl` (chat prompt with the system prompt from params, gold answer) and `eval/<set>.jsonl` for every set
-in `evaluation.sets`: `questions` test questions drawn with the params' seed, each listed once (the baseline and
-evaluate stages answer each `samples` times).
+(`openai/gsm8k`), writes `train.jsonl` (chat prompt with the system prompt from params, gold answer),
+`validation.jsonl` (`data.validation_questions` train questions held out first: no training prompt has the same
+row or the same question text) and `eval/<set>.jsonl` for every set in `evaluation.sets`: `questions` test
+questions drawn with the params' seed, each listed once (the baseline and evaluate stages answer each `samples`
+times).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import argparse
 import random
 from pathlib import Path
 
-from grpo_gsm8k.contracts import EVAL_FOLDER, TRAIN_PROMPTS
+from grpo_gsm8k.contracts import EVAL_FOLDER, TRAIN_PROMPTS, VALIDATION_PROMPTS
 from grpo_gsm8k.io import atomic_output_dir, fail, read_jsonl, write_jsonl
 from grpo_gsm8k.params import DataParams, EvaluationParams, load_params
 from grpo_gsm8k.science.grading import parse_gold
@@ -68,15 +70,39 @@ def choose(count: int | str, total: int, rng: random.Random, param: str, split: 
     return rng.sample(range(total), count)
 
 
+def question_key(question: str) -> str:
+    """GSM8K's train split repeats some questions word for word (up to spacing and case): compare them so."""
+    return " ".join(question.lower().split())
+
+
+def split_validation(train, validation_questions: int, train_questions: int | str,
+                     seed: int) -> tuple[list[int], list[int]]:
+    """(validation row ids, training row ids): the validation rows are drawn first, then every row whose question
+    text matches one of them leaves the training pool, so no validation question is ever trained on."""
+    validation_ids = choose(validation_questions, len(train), random.Random(f"{seed}-validation"),
+                            "data.validation_questions", "train")
+    held_out = {question_key(train[i]["question"]) for i in validation_ids}
+    # With validation off the pool is every row, so the training draw is the one made before validation existed.
+    pool = [i for i in range(len(train)) if question_key(train[i]["question"]) not in held_out]
+    picks = choose(train_questions, len(pool), random.Random(f"{seed}-train"),
+                   "data.train_questions", f"train (after the {len(validation_ids)} validation questions)")
+    train_ids = [pool[i] for i in picks]
+    overlap = set(validation_ids) & set(train_ids)
+    if overlap or held_out & {question_key(train[i]["question"]) for i in train_ids}:
+        raise AssertionError(f"validation and training prompts overlap (rows {sorted(overlap)[:5]}); a bug in "
+                             "stages/data.py: please report it")
+    return validation_ids, train_ids
+
+
 def run(data: DataParams, evaluation: EvaluationParams, seed: int, out_dir: Path) -> dict:
     dataset = load_gsm8k(data.source, data.hub_config)
     train, test = dataset["train"], dataset["test"]
     counts = {}
     with atomic_output_dir(out_dir) as tmp:
-        train_ids = choose(data.train_questions, len(train), random.Random(f"{seed}-train"),
-                           "data.train_questions", "train")
+        validation_ids, train_ids = split_validation(train, data.validation_questions, data.train_questions, seed)
         write_jsonl(tmp / TRAIN_PROMPTS, prepare_rows(train, data.system_prompt, train_ids))
-        counts["train"] = len(train_ids)
+        write_jsonl(tmp / VALIDATION_PROMPTS, prepare_rows(train, data.system_prompt, validation_ids))
+        counts["train"], counts["validation"] = len(train_ids), len(validation_ids)
         for name, eval_set in evaluation.sets.items():
             # Each set gets its own stream so adding a set never changes another set's draw.
             ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"),

@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_gsm8k.contracts import (ANSWER_METRICS, ANSWER_METRICS_KEYS, SELECT_KEYS, STATS_KEYS, TRAIN_SUMMARY_KEYS,
-                                  stats_files)
+from grpo_gsm8k.contracts import (ANSWER_METRICS, ANSWER_METRICS_KEYS, SELECT_KEYS, SELECTION_FIGURE, STATS_KEYS,
+                                  TRAIN_SUMMARY_KEYS, stats_files)
 from grpo_gsm8k.io import atomic_file, fail
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.science.report_format import fmt_count, render_html
@@ -95,7 +95,11 @@ def load_inputs(params_path: Path, sources: ReportSources, out_dir: Path) -> tup
         results_of_set, set_images = load_set(name, sources, out_dir)
         sets.append(results_of_set)
         images.update(set_images)
-    return ReportInputs(params, summary, select, sets), images
+    figure = sources.figures / SELECTION_FIGURE
+    if not figure.is_file():
+        raise ValueError(f"{figure} not found; the select stage draws it (dvc repro select)")
+    rel = Path(os.path.relpath(figure, out_dir)).as_posix()
+    return ReportInputs(params, summary, select, sets, rel), {**images, rel: figure}
 
 
 def write_pdf(out_dir: Path, html_text: str, wanted: bool) -> None:

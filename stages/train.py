@@ -1,12 +1,15 @@
 """Train stage: GRPO (TRL `GRPOTrainer`) with LoRA adapters (peft) on the GSM8K training prompts.
 
     python -m stages.train --model models/base --data data/prepared/train.jsonl \
-        --checkpoints models/checkpoints --live results/train/live --summary results/train/summary.json
+        --validation data/prepared/validation.jsonl --checkpoints models/checkpoints --live results/train/live \
+        --summary results/train/summary.json
 
 One reward function per reward of the chosen `reward.variant`, so TRL (and dvclive) log each. A checkpoint every
 `train.save_steps` goes to `checkpoint_remote` in the background (grpo_gsm8k.training.checkpoint_sync); rerunning after a
 crash resumes from the newest complete checkpoint, local or on S3, at the same step and data order. Checkpoints
 belong to a run id, a hash of everything that shapes training, so changed params never resume a stale run.
+Every `train.eval_steps` the current adapter answers the held-out validation questions
+(grpo_gsm8k.training.validation), logged beside the training curves for the select stage's validation rule.
 With `train.num_processes` > 1 the stage relaunches itself under `accelerate launch`.
 Departures from the study: none in the objective; the rollout engine may be grpo_gsm8k.fastgen.generator (same sampling).
 """
@@ -30,6 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from grpo_gsm8k.contracts import read_curves, read_metric
 from grpo_gsm8k.fastgen.rollout import make_rollout_func
+from grpo_gsm8k.generation import sample_completions
 from grpo_gsm8k.io import fail, read_jsonl, write_json
 from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
 from grpo_gsm8k.params import Params, load_params
@@ -39,16 +43,17 @@ from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailabl
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
 from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
+from grpo_gsm8k.training.validation import ValidationPass
 
 RUN_FILE = "run.json"
 
 
 def run_identity(params: Params, model_dir: Path, data_path: Path) -> dict:
-    """Everything that shapes the trained weights; bookkeeping params (saving, logging, pruning, compiling) are left
-    out, so changing them resumes the same run."""
+    """Everything that shapes the trained weights; bookkeeping params (saving, logging, validating, pruning,
+    compiling) are left out, so changing them resumes the same run."""
     shaping = dataclasses.asdict(params.train)
-    for bookkeeping in ("save_steps", "logging_steps", "keep_checkpoints", "checkpoint_remote", "accelerate_config",
-                        "compile"):
+    for bookkeeping in ("save_steps", "logging_steps", "eval_steps", "keep_checkpoints", "checkpoint_remote",
+                        "accelerate_config", "compile"):
         shaping.pop(bookkeeping)
     identity = {"seed": params.seed, "train": shaping, "reward": dataclasses.asdict(params.reward),
                 "engine": params.generation.engine, "model": _digest_folder_meta(model_dir),
@@ -108,8 +113,27 @@ def grpo_config(params: Params, checkpoints: Path, device: str):
 
 
 def protected_steps(params: Params) -> set[int]:
-    """Checkpoints never pruned: the one select.step names, so select can always find it."""
+    """Checkpoints never pruned: the one select.step names, so select can always find it (the validation pass adds
+    its rule's step as training goes)."""
     return {params.select.step}
+
+
+def validation_pass(params: Params, validation_path: Path | None, model_dir: Path,
+                    sync: CheckpointSync) -> ValidationPass:
+    """None for validation_path runs no pass (library callers and tests that train a few steps); the stage always
+    passes the data stage's file."""
+    rows = read_jsonl(validation_path) if validation_path and validation_path.is_file() else []
+    if validation_path and params.data.validation_questions and not rows:
+        raise ValueError(f"{validation_path} is missing or empty but data.validation_questions="
+                         f"{params.data.validation_questions}; rerun the data stage (dvc repro data)")
+    tokenizer = load_tokenizer(model_dir)
+    greedy = dataclasses.replace(params.generation, temperature=0.0)  # one answer each, no sampling noise
+
+    def answer(model, prompts: list, desc: str) -> list:
+        return sample_completions(model, tokenizer, prompts, 1, greedy, params.seed, desc)
+
+    return ValidationPass(rows, tokenizer, answer, params.reward, every=params.train.eval_steps,
+                          window=params.select.validation_window, protected_steps=sync.protect_steps)
 
 
 def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, callbacks: list,
@@ -136,7 +160,7 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
 
 
 def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path,
-        summary_path: Path) -> dict:
+        summary_path: Path, validation_path: Path | None = None) -> dict:
     identity = run_identity(params, model_dir, data_path)
     # First use of accelerate's process state: it must know about CPU now, or it never opens the gloo group.
     state = PartialState(cpu=pick_device(params.model.device) == "cpu")
@@ -153,6 +177,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     resumed_step = int(start_from.rsplit("-", 1)[1]) if start_from else 0
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
                           protect_steps=protected_steps(params))
+    validation = validation_pass(params, validation_path, model_dir, sync)
+    train_seconds = None
     if resumed_step >= params.train.max_steps:
         # Trainer would take one more step before checking max_steps; the run is already complete.
         print(f"train: run {identity['run_id']} is complete at step {resumed_step}; nothing to train")
@@ -162,17 +188,19 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
             sync.finish()
         global_step = resumed_step
     else:
+        # The norm joins the logs first; validation logs through the LiveLogger, so it comes after it.
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
-                                [UpdateNormLogger(), LiveLogger(live_dir), sync])  # the norm joins the logs first
+                                [UpdateNormLogger(), LiveLogger(live_dir), sync, validation])
+        validation.attach(trainer)
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
         choice = params.train.compile
         print("train:", speed_up_training(trainer, compile_layers=None if choice == "auto" else choice))
-        trainer.train(resume_from_checkpoint=start_from)
+        train_seconds = trainer.train(resume_from_checkpoint=start_from).metrics.get("train_runtime")
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,
                "uploaded_steps": sorted(sync.uploaded), "remote": remote or "", **curve_summary(live_dir),
-               **signal_summary(read_curves(live_dir))}
+               **signal_summary(read_curves(live_dir)), "validation": validation.summary(train_seconds)}
     if state.is_main_process:
         write_json(summary_path, summary)
         if warning := no_signal_warning(summary):
@@ -202,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--validation", type=Path, required=True, help="held-out questions (data stage)")
     parser.add_argument("--checkpoints", type=Path, required=True)
     parser.add_argument("--live", type=Path, required=True)
     parser.add_argument("--summary", type=Path, required=True)
@@ -210,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         params = load_params(args.params)
         if params.train.num_processes > 1 and not os.environ.get("GRPO_GSM8K_LAUNCHED"):
             raise SystemExit(relaunch_under_accelerate(params, argv))
-        summary = run(params, args.model, args.data, args.checkpoints, args.live, args.summary)
+        summary = run(params, args.model, args.data, args.checkpoints, args.live, args.summary, args.validation)
     print("train:", json.dumps(summary))
 
 

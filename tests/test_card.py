@@ -140,7 +140,7 @@ def pipeline_tree(tmp_path, tiny_model_dir):
                                               "test": {"questions": 3, "samples": 1}}}))
     params = load_params(params_path)
     select.run(params.select, checkpoint.parent, tmp_path / "live", tmp_path / "models" / "adapter",
-               tmp_path / "results" / "select.json")
+               tmp_path / "results" / "select.json", tmp_path / "reports" / "figures" / "selection.png")
     golds = ["3", "5", "8"]
     for stage, answers in (("baseline", ["#### 3", "#### 4", "#### 9"]), ("evaluate", ["#### 3", "#### 5", "7"])):
         for name in params.evaluation.sets:

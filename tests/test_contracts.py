@@ -47,7 +47,7 @@ def test_the_adapter_folder_holds_the_select_stage_files_and_the_card():
     """DVC outs cannot overlap: select declares the adapter files, the card stage the README.md beside them, and
     whoever reads the adapter depends on its files (a dep on the folder would include the card, written later)."""
     files = [f"models/adapter/{name}" for name in contracts.ADAPTER_FILES]
-    assert sorted(declared("select", "outs")) == sorted(files)
+    assert sorted(declared("select", "outs")) == sorted([*files, f"reports/figures/{contracts.SELECTION_FIGURE}"])
     assert declared("card", "outs") == [f"models/adapter/{contracts.MODEL_CARD}"]
     for stage in ("select", "evaluate", "card"):
         assert "--adapter models/adapter " in " ".join(STAGES[stage]["cmd"].split())
@@ -59,10 +59,11 @@ def test_the_adapter_folder_holds_the_select_stage_files_and_the_card():
         assert f"{flag} {path}" in card and path in declared("card", "deps")
 
 
-def test_plotted_figures_are_the_stats_stage_figures():
+def test_plotted_figures_are_the_stats_and_select_stage_figures():
     figures = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in PLOTS]
     pngs = [path.rsplit("/", 1)[1] for path in figures if path.startswith("reports/figures/")]
-    assert pngs and set(pngs) <= set(contracts.FIGURES.values())
+    assert pngs and set(pngs) <= {*contracts.FIGURES.values(), contracts.SELECTION_FIGURE}
+    assert f"--figure reports/figures/{contracts.SELECTION_FIGURE}" in " ".join(STAGES["select"]["cmd"].split())
 
 
 def test_read_metric_and_read_curves(tmp_path):

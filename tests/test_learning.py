@@ -42,7 +42,8 @@ def test_format_reward_is_learned_and_survives_save_and_load(tmp_path, smollm_di
     summary = train.run(params, base, tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt", tmp_path / "live",
                         tmp_path / "summary.json")
     assert summary["global_step"] == STEPS
-    select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "select.json")
+    select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "select.json",
+               tmp_path / "selection.png")
 
     held_out = tmp_path / "prepared" / "eval" / "test.jsonl"  # test split: never trained on
     baseline.run(params, "test", base, held_out, tmp_path / "baseline")

@@ -134,7 +134,8 @@ def test_stage_run_directly_on_invalid_yaml_prints_one_error_line(tmp_path, caps
     (tmp_path / "p.yaml").write_text("seed: 42\ntrain:\n  max_steps: [1, 2\n")
     with pytest.raises(SystemExit) as exit_info:
         select.main(["--params", str(tmp_path / "p.yaml"), "--checkpoints", str(tmp_path / "c"), "--live",
-                     str(tmp_path / "l"), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "s.json")])
+                     str(tmp_path / "l"), "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "s.json"),
+                     "--figure", str(tmp_path / "selection.png")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1
     assert err.startswith(f"error: {tmp_path / 'p.yaml'}:4:1: not valid YAML") and err.count("\n") == 1

@@ -21,7 +21,9 @@ import pytest
 
 from grpo_gsm8k.science import report_format as fmt
 from grpo_gsm8k.science import report_render as rr
+from grpo_gsm8k.contracts import SELECTION_FIGURE
 from grpo_gsm8k.params import load_params
+from grpo_gsm8k.science.selection_figure import plot_selection
 from stages import report
 from stages import stats as stats_stage
 from tests.conftest import REPO, cpu_params_dict, write_params
@@ -81,7 +83,9 @@ def write_summary(root: Path, signal: dict) -> None:
     (root / "results" / "train" / "summary.json").write_text(json.dumps(
         {"run_id": "abc123def456", "global_step": 8, "resumed_from_step": 4, "mean_loss": 0.0123,
          "mean_reward": 0.5, "final_reward": 0.75,
-         "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456", **signal}))
+         "uploaded_steps": [4, 8], "remote": "s3://bucket/checkpoints/abc123def456",
+         "validation": {"questions": 32, "passes": 3, "seconds": 4.5, "share_of_training_time": 0.0375,
+                        "rule_step": 4}, **signal}))
 
 
 def build_set(root: Path, name: str, base: list[dict], tuned: list[dict], train_log: Path | None) -> None:
@@ -108,7 +112,13 @@ def build_tree(root: Path) -> Path:
     write_summary(root, LEARNED)
     (root / "results" / "select.json").write_text(json.dumps(
         {"step": 8, "reason": "select.step in params.yaml", "rule": "last checkpoint at or before the reward peak",
-         "rule_step": 4, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}))
+         "rule_step": 4, "validation_rule": "the best 2-point moving average of the validation accuracy",
+         "validation_step": 4, "validation_accuracy": {"select.step": 0.25, "validation rule": 0.3125,
+                                                       "reward rule": 0.3125},
+         "validation_points": 3, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}))
+    plot_selection(root / "reports" / "figures" / SELECTION_FIGURE, [(0, 0.125), (4, 0.3125), (8, 0.25)],
+                   [(1, 0.5), (4, 0.75), (8, 0.5)], {"select.step": 8, "validation rule": 4, "reward rule": 4},
+                   chosen="select.step", windows={"validation": 2, "reward": 3})
     return root
 
 
@@ -212,7 +222,8 @@ def test_html_is_self_contained_and_escapes_model_output(rendered):
     html = rendered["html"]
     sources = re.findall(r'src="([^"]*)"', html)
     figures = sum(len(s["figures"]) for s in rendered["stats"].values())
-    assert len(sources) == figures == 10  # study has the two training figures (shown once), test has none
+    assert len(sources) == figures + 1 == 11  # study has the two training figures (shown once), test has none;
+    # + the select stage's figure
     assert all(src.startswith("data:image/png;base64,") for src in sources)
     assert "<script" not in html and "href=" not in html and "&lt;script&gt;" in html
 

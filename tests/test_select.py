@@ -32,7 +32,8 @@ def test_the_recorded_reason_names_the_step_params_chose(tmp_path, step):
     for saved in (4, 8):
         write_checkpoint(tmp_path / "ckpt", saved)
     params = dataclasses.replace(STUDY, step=step)
-    record = select.run(params, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json")
+    record = select.run(params, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json",
+                        tmp_path / "selection.png")
     assert record["step"] == step and f"select.step={step}" in record["reason"]
     # No claim about a step the params did not choose (the study's own choice lives in params.yaml's comment).
     assert str(STUDY.step) not in record["reason"] and "1,200" not in record["reason"]
@@ -45,7 +46,8 @@ def test_the_adapter_files_are_written_beside_the_card(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / MODEL_CARD).write_text("the card")
-    select.run(dataclasses.replace(STUDY, step=4), tmp_path / "ckpt", tmp_path / "live", adapter, tmp_path / "s.json")
+    select.run(dataclasses.replace(STUDY, step=4), tmp_path / "ckpt", tmp_path / "live", adapter, tmp_path / "s.json",
+               tmp_path / "selection.png")
     assert sorted(path.name for path in adapter.iterdir()) == sorted([*ADAPTER_FILES, MODEL_CARD])
     assert (adapter / MODEL_CARD).read_text() == "the card"
     assert (adapter / ADAPTER_WEIGHTS).read_bytes() == b"weights 4"
@@ -63,5 +65,6 @@ def test_a_failed_copy_leaves_the_old_adapter_whole(tmp_path):
     for name in ADAPTER_FILES:
         (adapter / name).write_text("old")
     with pytest.raises(ValueError):
-        select.run(dataclasses.replace(STUDY, step=4), ckpt.parent, tmp_path / "live", adapter, tmp_path / "s.json")
+        select.run(dataclasses.replace(STUDY, step=4), ckpt.parent, tmp_path / "live", adapter, tmp_path / "s.json",
+                   tmp_path / "selection.png")
     assert {path.name: path.read_text() for path in adapter.iterdir()} == {name: "old" for name in ADAPTER_FILES}

@@ -95,7 +95,7 @@ def test_stages_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert summary["global_step"] == 2 and set(contracts.TRAIN_SUMMARY_KEYS) <= set(summary)
     assert (tmp_path / "live" / "plots" / "metrics" / "loss.tsv").is_file()
     record = select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter",
-                        tmp_path / "select.json")
+                        tmp_path / "select.json", tmp_path / "selection.png")
     assert record["step"] == 2 and record["saved_steps"] == [1, 2] and tuple(record) == contracts.SELECT_KEYS
     assert distance_from_init(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) > MOVED
     after = evaluate.run(params, "study", tmp_path / "base", tmp_path / "adapter", eval_path, tmp_path / "evaluate")
@@ -164,8 +164,9 @@ def test_select_names_the_saved_steps(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**{"select.step": 800})))
     (tmp_path / "ckpt").mkdir()
     with pytest.raises(ValueError, match=r"select.step=800 has no complete checkpoint .* saved steps: none"):
-        select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json")
-    assert not (tmp_path / "adapter").exists() and not (tmp_path / "s.json").exists()
+        select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json",
+                   tmp_path / "selection.png")
+    assert not any((tmp_path / name).exists() for name in ("adapter", "s.json", "selection.png"))
 
 
 @pytest.mark.parametrize("curve, saved, window, expected", [

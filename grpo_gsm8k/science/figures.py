@@ -36,7 +36,7 @@ def _figure(path: Path, ncols: int = 1, width: float = 7.0, height: float = 4.5)
         try:
             yield fig, list(axes[0])
             fig.tight_layout()
-            fig.savefig(path, dpi=DPI, metadata={"Software": None})
+            fig.savefig(path, dpi=DPI, metadata={"Software": None}, format="png")  # also to a .tmp path
         finally:
             plt.close(fig)
 
@@ -203,7 +203,7 @@ def plot_training(path: Path, curves: dict[str, pd.DataFrame]) -> None:
             steps = max(len(c) for c in curves.values())
             fig.suptitle(f"GRPO training curves (dvclive; n = {steps} logged steps)")
             fig.tight_layout()
-            fig.savefig(path, dpi=DPI, metadata={"Software": None})
+            fig.savefig(path, dpi=DPI, metadata={"Software": None}, format="png")  # also to a .tmp path
         finally:
             plt.close(fig)
 

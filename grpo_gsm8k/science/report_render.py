@@ -56,6 +56,7 @@ class ReportInputs:
     summary: dict
     select: dict
     sets: list
+    selection_figure: str = ""  # the select stage's figure, relative to the report
 
     @property
     def headline(self) -> SetResults:

@@ -173,17 +173,40 @@ def analysis(inputs: ReportInputs) -> list[str]:
 
 
 def selection(inputs: ReportInputs) -> list[str]:
-    sel = inputs.select
+    """Which checkpoint was evaluated and why, beside the candidates the rules give, each with its validation
+    accuracy (the held-out train questions), and the figure with the curves."""
+    sel, validation = inputs.select, inputs.summary["validation"]
     if sel["rule_step"] is None:
         verdict = "found no reward curve to apply to."
     elif sel["rule_step"] == sel["step"]:
         verdict = f"picks step {sel['rule_step']}, the same checkpoint."
     else:
         verdict = f"picks step {sel['rule_step']}; it is reported beside the choice, not used."
-    return ["## Checkpoint selection", "",
-            f"The evaluated adapters come from step {sel['step']} (`{sel['checkpoint']}`). Reason: "
-            f"{md_escape(sel['reason'])}. The automatic rule ({md_escape(sel['rule'])}) {verdict} "
-            f"Saved checkpoints: steps {fmt_param(sel['saved_steps'])}."]
+    lines = ["## Checkpoint selection", "",
+             f"The evaluated adapters come from step {sel['step']} (`{sel['checkpoint']}`). Reason: "
+             f"{md_escape(sel['reason'])}. The training-reward rule ({md_escape(sel['rule'])}) {verdict} "
+             f"Saved checkpoints: steps {fmt_param(sel['saved_steps'])}."]
+    if not sel["validation_points"]:
+        return lines + ["", "No validation curve was logged (data.validation_questions: 0), so no choice here was "
+                        "checked on held-out questions."]
+    steps = {"select.step (the study's rule: by hand)": inputs.params.select.step,
+             f"validation rule ({md_escape(sel['validation_rule'])})": sel["validation_step"],
+             "training-reward rule": sel["rule_step"]}
+    lines += ["", f"Every {inputs.params.train.eval_steps} steps the adapters answered {validation['questions']} "
+              "held-out questions of the training split (never trained on) greedily; the validation accuracy at "
+              "each candidate step:", "", *header("Candidate", "Step", "Validation accuracy", "Evaluated")]
+    for (label, step), accuracy in zip(steps.items(), sel["validation_accuracy"].values()):
+        lines.append(row(label, "none" if step is None else str(step),
+                         "not validated" if accuracy is None else fmt_pct(accuracy),
+                         "yes" if step == sel["step"] else "no"))
+    share = validation["share_of_training_time"]
+    lines += ["", f"The validation passes took {fmt_num(validation['seconds'], 1)} s"
+              + (f", {fmt_pct(share)} of this session's training time." if share is not None else ".")]
+    if inputs.selection_figure:
+        lines += ["", f"![selection]({inputs.selection_figure})", "",
+                  "*Figure selection: validation accuracy and mean training reward by step, with each candidate "
+                  "step marked (solid: the evaluated one).*"]
+    return lines
 
 
 def limitations(inputs: ReportInputs) -> list[str]:
@@ -210,9 +233,16 @@ def limitations(inputs: ReportInputs) -> list[str]:
             lines.append(f"- *{s.name}*: the extractor and math-verify disagree on {disagreements} answers; the "
                          "grading table shows whether a conclusion depends on the grader.")
     sel = inputs.select
-    if sel["rule_step"] is not None and sel["rule_step"] != sel["step"]:
-        lines.append(f"- The evaluated checkpoint (step {sel['step']}) was chosen by hand; the automatic rule "
+    by_hand = inputs.params.select.rule == "step"
+    if by_hand and sel["rule_step"] is not None and sel["rule_step"] != sel["step"]:
+        lines.append(f"- The evaluated checkpoint (step {sel['step']}) was chosen by hand; the training-reward rule "
                      f"would pick step {sel['rule_step']}.")
+    if not sel["validation_points"]:
+        lines.append("- No validation curve was logged: the evaluated checkpoint was not checked on held-out "
+                     "questions before the evaluation (set data.validation_questions above 0).")
+    elif sel["validation_step"] is not None and sel["validation_step"] != sel["step"]:
+        lines.append(f"- The validation rule would pick step {sel['validation_step']}, not the evaluated step "
+                     f"{sel['step']} (select.rule: validation uses it).")
     lines.append(f"- One training run with one seed ({inputs.params.seed}): the variation between GRPO runs is "
                  "not measured.")
     return lines

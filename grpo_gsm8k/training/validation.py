@@ -1,0 +1,89 @@
+"""The validation pass: greedy answers to the held-out train questions every `train.eval_steps` steps.
+
+Before the first step (the base model's point) and at every multiple of eval_steps, the current adapter answers
+`data/prepared/validation.jsonl` once each at temperature 0, through the same engine and grader as the evaluate
+stage (the train stage hands in grpo_gsm8k/generation.py's sampler set to greedy; science/grading.py grades). Accuracy, full-format rate, mean reward, mean length and the
+pass's seconds are logged as validation/* through Trainer.log, so dvclive (and any train.report_to tracker) draws
+them beside the training curves, and trainer_state.json carries them through a resume.
+The pass runs under a forked RNG: training draws the same random numbers with validation on or off.
+The step the validation rule points to so far (science/selection.py) is kept from pruning, so select can use it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from grpo_gsm8k.science.grading import grade
+from grpo_gsm8k.science.rewards import RewardKnobs, total_reward
+from grpo_gsm8k.science.selection import (VALIDATION_ACCURACY, VALIDATION_PREFIX, best_validation_step,
+                                          validation_metrics)
+
+SECONDS = f"{VALIDATION_PREFIX}seconds"
+
+
+class ValidationPass(TrainerCallback):
+    def __init__(self, rows: list[dict], tokenizer, answer: Callable, knobs: RewardKnobs, every: int, window: int,
+                 protected_steps: set[int]):
+        """answer(model, prompts, desc) -> one greedy completion (.ids) per prompt; protected_steps: the set
+        CheckpointSync never prunes, to which the rule's current step is added."""
+        self.rows, self.tokenizer, self.answer, self.every, self.window = rows, tokenizer, answer, every, window
+        self.knobs, self.protected_steps = knobs, protected_steps
+        self.fixed_steps = set(protected_steps)
+        self.trainer: Trainer | None = None  # set by attach(); Trainer.log writes the curves
+        self.curve: list[tuple[int, float]] = []
+        self.seconds = 0.0
+        self.passes = 0
+
+    def attach(self, trainer) -> ValidationPass:
+        self.trainer = trainer
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # A resumed run brings its earlier points in log_history; a new run validates the base model first.
+        self.curve = [(entry["step"], entry[VALIDATION_ACCURACY]) for entry in state.log_history
+                      if VALIDATION_ACCURACY in entry]
+        if state.global_step == 0 and self.rows:
+            self._validate(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.rows and state.global_step % self.every == 0:
+            self._validate(model, state)  # before the step's checkpoint is saved, so it carries this point
+
+    def _validate(self, model, state) -> None:
+        if not state.is_world_process_zero:  # one process answers; the others wait at their next collective
+            return
+        started = time.perf_counter()
+        was_training = model.training
+        model.eval()  # LoRA dropout off
+        cuda = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.no_grad():
+            completions = self.answer(model, [row["prompt"] for row in self.rows],
+                                      f"validation at step {state.global_step}")
+        model.train(was_training)
+        records = []
+        for row, completion in zip(self.rows, completions):
+            text = self.tokenizer.decode(completion.ids, skip_special_tokens=True)
+            records.append({"completion": text, "n_tokens": len(completion.ids),
+                            "correct": grade(text, row["answer"]).correct,
+                            "reward": total_reward(text, row["answer"], len(completion.ids), self.knobs)})
+        metrics = validation_metrics(records)
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        self.passes += 1
+        self.curve.append((state.global_step, metrics[VALIDATION_ACCURACY]))
+        # Trainer.log, not GRPOTrainer.log: TRL's override would flush its half-accumulated training metrics.
+        Trainer.log(self.trainer, {**metrics, SECONDS: elapsed})
+        best = best_validation_step(self.curve, [step for step, _ in self.curve], self.window)
+        self.protected_steps.clear()
+        self.protected_steps.update(self.fixed_steps | ({best} if best is not None else set()))
+        print(f"validation: step {state.global_step}: accuracy {metrics[VALIDATION_ACCURACY]:.3f} on "
+              f"{len(records)} held-out questions ({elapsed:.1f} s); rule's step so far: {best}", flush=True)
+
+    def summary(self, train_seconds: float | None) -> dict:
+        """The validation figures the train summary reports: what it cost against the whole training time."""
+        return {"questions": len(self.rows), "passes": self.passes, "seconds": round(self.seconds, 3),
+                "share_of_training_time": self.seconds / train_seconds if train_seconds else None,
+                "rule_step": best_validation_step(self.curve, [step for step, _ in self.curve], self.window)}
