@@ -21,7 +21,7 @@ SHRINK = {  # the CPU preset, shrunk so the whole pipeline runs in a few minutes
     # preset's own reward, prompt, batch shape and completion length, so the learning-signal checks test the preset
     "data.train_questions": 8, "evaluation.sets.study.questions": 4, "evaluation.sets.study.samples": 2,
     "evaluation.sets.test.questions": 3, "train.max_steps": 2, "train.save_steps": 1, "select.step": 2,
-    "stats.bootstrap_samples": 200,
+    "stats.bootstrap_samples": 200, "data.validation_questions": 4, "train.eval_steps": 1,
 }
 
 
@@ -65,9 +65,11 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
     for name in ("report.md", "report.html"):
         assert (repo_copy / "reports" / name).stat().st_size > 1000
     dag = dvc("dag", "--md", cwd=repo_copy)
-    for stage in ("data", "model", "baseline@study", "train", "select", "evaluate@study", "stats@study", "report"):
+    for stage in ("data", "model", "baseline@study", "train", "select", "evaluate@study", "stats@study", "card",
+                  "report"):
         assert stage in dag, stage
     check_report_numbers(repo_copy)
+    check_validation(repo_copy)
     summary = json.loads((repo_copy / "results/train/summary.json").read_text())
     assert summary["global_step"] == 2 and summary["uploaded_steps"] == [1, 2]
     # A vacuous run (every group one reward, so every advantage 0) fails here. Two steps are too few for the
@@ -110,6 +112,23 @@ def test_cpu_preset_pipeline_round_trip(repo_copy, s3_server, tmp_path):
         shutil.rmtree(clone / folder, ignore_errors=True)
     dvc("repro", "--force", cwd=clone, env=env)
     assert outputs_digest(clone) == outputs_digest(repo_copy)
+
+
+def check_validation(repo: Path) -> None:
+    """The validation curve is in dvclive's output at steps 0, 1, 2, and the report shows each candidate step's
+    validation accuracy from select's record, with the selection figure."""
+    from grpo_gsm8k.contracts import read_metric
+    from grpo_gsm8k.science.report_format import fmt_pct
+
+    curve = read_metric(repo / "results/train/live", "validation/accuracy")
+    assert [step for step, _ in curve] == [0, 1, 2], curve
+    record = json.loads((repo / "results/select.json").read_text())
+    assert record["validation_points"] == 3 and record["validation_step"] in (1, 2)
+    report = (repo / "reports" / "report.md").read_text()
+    assert "| Candidate | Step | Validation accuracy | Evaluated |" in report
+    for accuracy in record["validation_accuracy"].values():
+        assert fmt_pct(accuracy) in report
+    assert "](figures/selection.png)" in report and (repo / "reports/figures/selection.png").is_file()
 
 
 def check_report_numbers(repo: Path) -> None:

@@ -46,13 +46,13 @@ class ValidationPass(TrainerCallback):
         self.curve = [(entry["step"], entry[VALIDATION_ACCURACY]) for entry in state.log_history
                       if VALIDATION_ACCURACY in entry]
         if state.global_step == 0 and self.rows:
-            self._validate(model, state)
+            self._validate(model, state, control)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.rows and state.global_step % self.every == 0:
-            self._validate(model, state)  # before the step's checkpoint is saved, so it carries this point
+            self._validate(model, state, control)  # before the step's checkpoint is saved, so it carries this point
 
-    def _validate(self, model, state) -> None:
+    def _validate(self, model, state, control) -> None:
         if not state.is_world_process_zero:  # one process answers; the others wait at their next collective
             return
         started = time.perf_counter()
@@ -74,8 +74,11 @@ class ValidationPass(TrainerCallback):
         self.seconds += elapsed
         self.passes += 1
         self.curve.append((state.global_step, metrics[VALIDATION_ACCURACY]))
-        # Trainer.log, not GRPOTrainer.log: TRL's override would flush its half-accumulated training metrics.
+        # Trainer.log, not GRPOTrainer.log: TRL's override would flush its half-accumulated training metrics. Any
+        # log call clears control.should_log, which would drop this step's training log: keep it as it was.
+        training_log_due = control.should_log
         Trainer.log(self.trainer, {**metrics, SECONDS: elapsed})
+        control.should_log = training_log_due
         best = best_validation_step(self.curve, [step for step, _ in self.curve], self.window)
         self.protected_steps.clear()
         self.protected_steps.update(self.fixed_steps | ({best} if best is not None else set()))
