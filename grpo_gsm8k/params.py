@@ -126,6 +126,7 @@ class TrainParams:
     num_processes: int
     accelerate_config: str
     checkpoint_remote: str
+    report_to: str | list[str]  # trackers beside dvclive; names checked by training/trackers.py
 
     def validate(self) -> None:
         for name in ("max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "save_steps",
@@ -155,6 +156,7 @@ class TrainParams:
         _check(self.eval_steps % self.save_steps == 0,
                f"train.eval_steps={self.eval_steps} must be a multiple of train.save_steps={self.save_steps}, so "
                "every validated step has a checkpoint; change either")
+        _check_trackers(self.report_to)
         self.lora.validate()
 
 
@@ -307,3 +309,16 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_count(name: str, value: int | str) -> None:
     _check(value == "all" or (isinstance(value, int) and value >= 1),
            f"{name}={value!r} must be a positive number or \"all\"")
+
+
+def _check_trackers(value: str | list[str]) -> None:
+    """train.report_to's form; whether transformers knows each name, and it is installed, the train stage checks."""
+    names = [value] if isinstance(value, str) else value
+    _check(all(isinstance(name, str) for name in names),
+           f"train.report_to={value!r} must be none, a tracker name or a list of names")
+    _check("all" not in names, f"train.report_to={value!r} reports to whichever trackers happen to be installed "
+           "(not reproducible); name them, e.g. train.report_to: tensorboard, or none")
+    _check("dvclive" not in names, f"train.report_to={value!r}: dvclive always logs the curves (the train stage's "
+           "live dir); list only other trackers, or none")
+    _check("none" not in names or len(names) == 1,
+           f"train.report_to={value!r} mixes none with trackers; write none alone or list only trackers")

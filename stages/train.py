@@ -43,6 +43,7 @@ from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailabl
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
 from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
+from grpo_gsm8k.training.trackers import tracker_names
 from grpo_gsm8k.training.validation import ValidationPass
 
 RUN_FILE = "run.json"
@@ -53,7 +54,7 @@ def run_identity(params: Params, model_dir: Path, data_path: Path) -> dict:
     compiling) are left out, so changing them resumes the same run."""
     shaping = dataclasses.asdict(params.train)
     for bookkeeping in ("save_steps", "logging_steps", "eval_steps", "keep_checkpoints", "checkpoint_remote",
-                        "accelerate_config", "compile"):
+                        "accelerate_config", "compile", "report_to"):
         shaping.pop(bookkeeping)
     identity = {"seed": params.seed, "train": shaping, "reward": dataclasses.asdict(params.reward),
                 "engine": params.generation.engine, "model": _digest_folder_meta(model_dir),
@@ -95,7 +96,7 @@ def grpo_config(params: Params, checkpoints: Path, device: str):
     # "auto" recomputes activations only on a GPU too small to keep them (see fast_training_overrides).
     speed = fast_training_overrides(gradient_checkpointing=None if choice == "auto" else choice)
     return GRPOConfig(
-        output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, report_to="none",
+        output_dir=str(checkpoints), seed=params.seed, data_seed=params.seed, report_to=tracker_names(train.report_to),
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler_type,
         warmup_steps=train.warmup_steps, max_steps=train.max_steps,
         per_device_train_batch_size=train.per_device_train_batch_size,
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with fail():
         params = load_params(args.params)
+        tracker_names(params.train.report_to)  # a missing tracker fails now, not after the model has loaded
         if params.train.num_processes > 1 and not os.environ.get("GRPO_GSM8K_LAUNCHED"):
             raise SystemExit(relaunch_under_accelerate(params, argv))
         summary = run(params, args.model, args.data, args.checkpoints, args.live, args.summary, args.validation)
