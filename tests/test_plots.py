@@ -22,7 +22,8 @@ METRICS = f"{LIVE}/{contracts.LIVE_METRICS.as_posix()}/"
 # TRL's logged names worth a curve: the objective, the reward and its spread, the share of groups without a learning
 # signal, the answers' length, and each reward of the study's variant
 CURVES = {"loss", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length"} | \
-    {f"rewards/{name}/mean" for name in reward_names(load_params(REPO / "params.yaml").reward)}
+    {f"rewards/{name}/mean" for name in reward_names(load_params(REPO / "params.yaml").reward)} | \
+    {"validation/accuracy", "validation/full_format_rate"}  # the validation pass's (training/validation.py)
 
 
 def data_series() -> dict[str, tuple[dict, dict[str, str]]]:
