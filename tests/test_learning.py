@@ -34,7 +34,7 @@ def test_format_reward_is_learned_and_survives_save_and_load(tmp_path, smollm_di
         "data.train_questions": 8 * STEPS, "evaluation.sets.test.questions": 24, "evaluation.sets.test.samples": 2,
         "reward.variant": FORMAT_ONLY,
         "generation.max_new_tokens": 32, "train.max_completion_length": 32, "train.max_steps": STEPS,
-        "train.save_steps": STEPS, "train.learning_rate": 2e-4, "train.num_generations": 8,
+        "train.save_steps": STEPS, "train.eval_steps": STEPS, "train.learning_rate": 2e-4, "train.num_generations": 8,
         **ONE_BATCH, "train.checkpoint_remote": "", "select.step": STEPS})))
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     base = tmp_path / "base"
