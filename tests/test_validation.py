@@ -27,7 +27,8 @@ from tests.test_stages import tiny_params
     ([(0, 0.1), (2, 0.5), (4, 0.5), (6, 0.2)], [2, 4, 6], 1, 2),          # a tie goes to the earlier step
     ([(0, 0.9), (2, 0.0), (4, 0.0)], [2, 4], 1, 2),                       # step 0 (no adapter) is never chosen
     ([(0, 0.9), (2, 0.0)], [0, 2], 1, 2),                                 # not even where listed (the train stage)
-    ([(0, 0.0), (2, 0.8), (4, 0.1), (6, 0.5), (8, 0.5)], [2, 4, 6, 8], 2, 8),  # smoothing: 0.4, 0.45, 0.3, 0.5
+    ([(2, 0.2), (4, 0.8), (6, 0.1), (8, 0.6), (10, 0.6)], [2, 4, 6, 8, 10], 2, 10),  # 0.2, .5, .45, .35, .6
+    ([(0, 1.0), (2, 0.0), (4, 0.2)], [2, 4], 2, 4),                       # the base point is in no average
     ([(0, 0.0), (2, 0.3), (4, 0.6)], [2], 1, 2),                          # only saved steps are candidates
     ([(4, 0.6), (0, 0.0), (2, 0.3)], [2, 4], 1, 4),                       # logged out of order: sorted by step
     ([], [2, 4], 3, None),                                                # validation off: no rule
@@ -145,3 +146,18 @@ def test_select_rule_validation_without_a_curve_is_one_clear_error(tmp_path):
         select.run(dataclasses.replace(STUDY, rule="validation"), tmp_path / "ckpt", tmp_path / "live",
                    tmp_path / "adapter", tmp_path / "s.json", tmp_path / "selection.png")
     assert not any((tmp_path / name).exists() for name in ("adapter", "s.json", "selection.png"))
+
+
+def test_select_with_only_the_base_models_validation_point(tmp_path):
+    """eval_steps beyond max_steps leaves only step 0 (no adapter): no validation step, and the figure still draws."""
+    from tests.test_select import STUDY, write_checkpoint
+
+    write_checkpoint(tmp_path / "ckpt", 4)
+    tsv = tmp_path / "live" / contracts.LIVE_METRICS / "validation" / "accuracy.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\taccuracy\n1\t0\t0.25\n")
+    record = select.run(dataclasses.replace(STUDY, step=4), tmp_path / "ckpt", tmp_path / "live",
+                        tmp_path / "adapter", tmp_path / "s.json", tmp_path / "selection.png")
+    assert record["validation_step"] is None and record["validation_points"] == 1
+    assert record["validation_accuracy"] == {"select.step": None, "validation rule": None, "reward rule": None}
+    assert (tmp_path / "selection.png").stat().st_size > 10_000

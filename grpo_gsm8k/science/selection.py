@@ -33,12 +33,18 @@ def reward_peak_step(curve: list[tuple[int, float]], saved_steps: list[int], win
 def best_validation_step(curve: list[tuple[int, float]], saved_steps, window: int) -> int | None:
     """The saved step whose trailing `window`-point mean validation accuracy is highest, the earlier on ties.
 
-    Step 0 (the base model, validated before training) smooths the curve but is never chosen: it has no adapter."""
+    Step 0 (the base model, validated before training) is the curve's reference, neither a candidate (it has no
+    adapter) nor part of any average (it would lend the base model's accuracy to the first checkpoints)."""
     saved = set(saved_steps)
-    points = sorted(curve)
+    points = adapter_points(curve)
     smoothed = moving_average([value for _, value in points], window)
-    candidates = [(smoothed[i], -step, step) for i, (step, _) in enumerate(points) if step in saved and step > 0]
+    candidates = [(smoothed[i], -step, step) for i, (step, _) in enumerate(points) if step in saved]
     return max(candidates)[2] if candidates else None
+
+
+def adapter_points(curve: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The validation points of trained adapters (after step 0), by step."""
+    return sorted(point for point in curve if point[0] > 0)
 
 
 def validation_metrics(records: list[dict]) -> dict[str, float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from grpo_gsm8k.science.figures import COLORS, _figure
-from grpo_gsm8k.science.selection import moving_average
+from grpo_gsm8k.science.selection import adapter_points, moving_average
 
 MARK_STYLES = {"chosen": "-", "other": ":"}
 
@@ -23,8 +23,11 @@ def plot_selection(path: Path, validation: list[tuple[int, float]], reward: list
             if curve:
                 steps, values = zip(*sorted(curve))
                 ax.plot(steps, values, color=COLORS["base"], alpha=0.45, marker="o", markersize=3, label="logged")
-                ax.plot(steps, moving_average(list(values), window), color=COLORS["tuned"],
-                        label=f"{window}-point moving average")
+                # The rule's average leaves out the base model's step-0 point (science/selection.py).
+                smoothed = adapter_points(curve) if "validation" in title else sorted(curve)
+                if smoothed:
+                    ax.plot([step for step, _ in smoothed], moving_average([v for _, v in smoothed], window),
+                            color=COLORS["tuned"], label=f"{window}-point moving average")
             else:
                 ax.text(0.5, 0.5, "not logged\n(data.validation_questions: 0)" if "validation" in title
                         else "not logged", ha="center", va="center", transform=ax.transAxes)
