@@ -61,9 +61,10 @@ def prepare_rows(split, system_prompt: str, indices: list[int]) -> list[dict]:
 
 
 def choose(count: int | str, total: int, rng: random.Random, param: str, split: str) -> list[int]:
-    """`count` distinct row indices drawn with `rng`, or every row in order for "all" (or exactly `total`)."""
+    """`count` distinct row indices drawn with `rng`, or every row in order for "all" (or exactly `total`);
+    `split` says where they come from ("the test split") in the error."""
     if count != "all" and count > total:  # silently taking fewer would change the design
-        raise ValueError(f"{param}={count} but the {split} split has {total} questions; "
+        raise ValueError(f"{param}={count} but {split} has {total} questions; "
                          f"use at most {total}, or \"all\" for every one")
     if count == "all" or count == total:
         return list(range(total))
@@ -80,12 +81,12 @@ def split_validation(train, validation_questions: int, train_questions: int | st
     """(validation row ids, training row ids): the validation rows are drawn first, then every row whose question
     text matches one of them leaves the training pool, so no validation question is ever trained on."""
     validation_ids = choose(validation_questions, len(train), random.Random(f"{seed}-validation"),
-                            "data.validation_questions", "train")
+                            "data.validation_questions", "the train split")
     held_out = {question_key(train[i]["question"]) for i in validation_ids}
     # With validation off the pool is every row, so the training draw is the one made before validation existed.
     pool = [i for i in range(len(train)) if question_key(train[i]["question"]) not in held_out]
     picks = choose(train_questions, len(pool), random.Random(f"{seed}-train"),
-                   "data.train_questions", f"train (after the {len(validation_ids)} validation questions)")
+                   "data.train_questions", f"the train split less its {len(validation_ids)} validation questions")
     train_ids = [pool[i] for i in picks]
     overlap = set(validation_ids) & set(train_ids)
     if overlap or held_out & {question_key(train[i]["question"]) for i in train_ids}:
@@ -106,7 +107,7 @@ def run(data: DataParams, evaluation: EvaluationParams, seed: int, out_dir: Path
         for name, eval_set in evaluation.sets.items():
             # Each set gets its own stream so adding a set never changes another set's draw.
             ids = choose(eval_set.questions, len(test), random.Random(f"{seed}-eval-{name}"),
-                         f"evaluation.sets.{name}.questions", "test")
+                         f"evaluation.sets.{name}.questions", "the test split")
             write_jsonl(tmp / EVAL_FOLDER / f"{name}.jsonl", prepare_rows(test, data.system_prompt, ids))
             counts[name] = len(ids)
     return counts

@@ -47,13 +47,14 @@ def test_malformed_source_line_names_file_line_and_fix(tmp_path, bad_line, probl
 
 
 @pytest.mark.parametrize("param, value, size, split", [
-    ("evaluation.sets.study.questions", 5000, 1319, "test"),
-    ("data.train_questions", 8000, 7473, "train"),
+    ("evaluation.sets.study.questions", 5000, 1319, "the test split"),
+    ("data.train_questions", 8000, 7473 - 32, "the train split less its 32 validation questions"),  # the preset's
+    ("data.validation_questions", 8000, 7473, "the train split"),
 ])
 def test_more_questions_than_the_split_holds_is_an_error(tmp_path, param, value, size, split):
     out = tmp_path / "prepared"
     line = error_line(run_stage("data", cpu_params_dict(**{param: value}), out, tmp_path))
-    assert f"{param}={value}" in line and f"{split} split has {size} questions" in line and '"all"' in line
+    assert f"{param}={value} but {split} has {size} questions" in line and '"all"' in line
     assert not out.exists() and not list(tmp_path.glob(".prepared*"))
 
 

@@ -161,3 +161,20 @@ def test_select_with_only_the_base_models_validation_point(tmp_path):
     assert record["validation_step"] is None and record["validation_points"] == 1
     assert record["validation_accuracy"] == {"select.step": None, "validation rule": None, "reward rule": None}
     assert (tmp_path / "selection.png").stat().st_size > 10_000
+
+
+def test_a_resumed_run_keeps_protecting_the_rules_step():
+    """After a resume the earlier points come from log_history; the rule's step among them is protected before the
+    next save, which may come before the next validation (save_steps < eval_steps)."""
+    from transformers import TrainerState
+
+    from grpo_gsm8k.training.validation import ValidationPass
+
+    protected = {800}  # CheckpointSync's own set: select.step
+    state = TrainerState(global_step=50, log_history=[
+        {"step": 0, "validation/accuracy": 0.9}, {"step": 25, "validation/accuracy": 0.5}, {"loss": 0.1, "step": 25},
+        {"step": 50, "validation/accuracy": 0.2}])
+    validation = ValidationPass([], tokenizer=None, answer=None, knobs=None, every=25, window=1,
+                                protected_steps=protected)
+    validation.on_train_begin(None, state, None)
+    assert protected == {800, 25} and validation.curve == [(0, 0.9), (25, 0.5), (50, 0.2)]

@@ -45,6 +45,7 @@ class ValidationPass(TrainerCallback):
         # A resumed run brings its earlier points in log_history; a new run validates the base model first.
         self.curve = [(entry["step"], entry[VALIDATION_ACCURACY]) for entry in state.log_history
                       if VALIDATION_ACCURACY in entry]
+        self._protect_rule_step()  # a resumed run's best checkpoint so far must survive the next pruning too
         if state.global_step == 0 and self.rows:
             self._validate(model, state, control)
 
@@ -79,11 +80,16 @@ class ValidationPass(TrainerCallback):
         training_log_due = control.should_log
         Trainer.log(self.trainer, {**metrics, SECONDS: elapsed})
         control.should_log = training_log_due
+        best = self._protect_rule_step()
+        print(f"validation: step {state.global_step}: accuracy {metrics[VALIDATION_ACCURACY]:.3f} on "
+              f"{len(records)} held-out questions ({elapsed:.1f} s); rule's step so far: {best}", flush=True)
+
+    def _protect_rule_step(self) -> int | None:
+        """Keep the validation rule's current step from pruning (and release the one it pointed to before)."""
         best = best_validation_step(self.curve, [step for step, _ in self.curve], self.window)
         self.protected_steps.clear()
         self.protected_steps.update(self.fixed_steps | ({best} if best is not None else set()))
-        print(f"validation: step {state.global_step}: accuracy {metrics[VALIDATION_ACCURACY]:.3f} on "
-              f"{len(records)} held-out questions ({elapsed:.1f} s); rule's step so far: {best}", flush=True)
+        return best
 
     def summary(self, train_seconds: float | None) -> dict:
         """The validation figures the train summary reports: what it cost against the whole training time."""
