@@ -34,6 +34,7 @@ def test_two_cpu_processes_train_checkpoint_and_resume(tmp_path, tiny_model_dir,
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["global_step"] == 3 and summary["resumed_from_step"] == 0
+    assert summary["validation"]["passes"] == 1  # step 0 only (eval_steps 4), answered by process 0 alone
     assert sorted(p.name for p in (folder / "ckpt").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert first.stdout.count(f"'compiled_layers': {2 if compiled else 0}") == 2, first.stdout[-2000:]
     uninterrupted = final_adapter(folder, step=3)

@@ -54,7 +54,8 @@ def setup_run(folder: Path, tiny_model_dir: Path, remote: str) -> Path:
 def train_command(folder: Path, params: Path) -> list[str]:
     return [sys.executable, "-m", "stages.train", "--params", str(params), "--model", str(folder / "base"),
             "--data", str(folder / "prepared" / "train.jsonl"), "--checkpoints", str(folder / "ckpt"),
-            "--live", str(folder / "live"), "--summary", str(folder / "summary.json")]
+            "--live", str(folder / "live"), "--summary", str(folder / "summary.json"),
+            "--validation", str(folder / "prepared" / "validation.jsonl")]  # the preset's: steps 0 and 4
 
 
 def run_to_end(folder: Path, params: Path, env: dict) -> dict:
@@ -116,9 +117,11 @@ def test_kill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
             .splitlines()[1:]]
     assert loss == [str(step) for step in range(1, STEPS + 1)], "curve steps repeated or missing after resume"
 
-    # Every checkpoint reached the server; pruning kept the newest two plus select.step.
+    # Every checkpoint reached the server; pruning kept the newest two plus select.step and the validation rule's
+    # step (the only validated adapter, step 4, validated after the resume).
     store = RemoteStore(f"{remote}/{summary['run_id']}", s3_server.storage_options())
-    assert sorted(store.complete_steps()) == [STEPS - 1, STEPS]
+    assert summary["validation"]["rule_step"] == 4
+    assert sorted(store.complete_steps()) == [4, STEPS - 1, STEPS]
 
 
 @pytest.mark.slow
