@@ -83,6 +83,21 @@ def read_jsonl(path: Path, fix: str = "delete the file and rerun the stage that 
     return rows
 
 
+def read_stage_json(path: Path, stage: str, keys: tuple[str, ...] = ()):
+    """A stage's JSON output; missing, unreadable or lacking one of `keys` is a ValueError naming the file and the
+    stage to rerun (`stage` writes it)."""
+    if not path.is_file():
+        raise ValueError(f"{path} not found; the {stage} stage writes it (dvc repro)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rerun the {stage} stage (dvc repro)") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{path} lacks {missing[0]!r}; it is out of date, rerun the {stage} stage (dvc repro)")
+    return data
+
+
 def write_json(path: Path, data) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import yaml
 
 from grpo_gsm8k.contracts import (ACCURACY_KEYS, ADAPTER_FILES, ANSWER_METRICS, ANSWER_METRICS_KEYS, MODEL_CARD,
                                   SELECT_KEYS)
-from grpo_gsm8k.io import atomic_file, fail
+from grpo_gsm8k.io import atomic_file, fail, read_stage_json
 from grpo_gsm8k.modeling import resolve_source
 from grpo_gsm8k.params import Params, load_params
 from grpo_gsm8k.science.model_card import CardInputs, SetScores, front_matter, render_body
-
-
-def read_json(path: Path, stage: str, keys: tuple[str, ...]) -> dict:
-    """A stage's JSON output; missing, unreadable or stale is a ValueError naming the file and the stage."""
-    if not path.is_file():
-        raise ValueError(f"{path} not found; the {stage} stage writes it (dvc repro)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rerun the {stage} stage (dvc repro)") from None
-    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
-    if missing:
-        raise ValueError(f"{path} lacks {missing[0]!r}; it is out of date, rerun the {stage} stage (dvc repro)")
-    return data
 
 
 def card_text(front: dict, body: str) -> str:
@@ -52,14 +37,14 @@ def run(params: Params, adapter_dir: Path, select_path: Path, baseline_dir: Path
             raise ValueError(f"{adapter_dir / name} not found; the select stage writes it (dvc repro)")
     keys = (*ANSWER_METRICS_KEYS, *ACCURACY_KEYS)
     sets = [SetScores(name, eval_set.samples,
-                      read_json(Path(baseline_dir) / name / ANSWER_METRICS, "baseline", keys),
-                      read_json(Path(evaluate_dir) / name / ANSWER_METRICS, "evaluate", keys))
+                      read_stage_json(Path(baseline_dir) / name / ANSWER_METRICS, "baseline", keys),
+                      read_stage_json(Path(evaluate_dir) / name / ANSWER_METRICS, "evaluate", keys))
             for name, eval_set in params.evaluation.sets.items()]
     settings = {"train": dataclasses.asdict(params.train), "reward": dataclasses.asdict(params.reward),
                 "generation": dataclasses.asdict(params.generation), "seed": params.seed,
                 "train_questions": params.data.train_questions}
     inputs = CardInputs(params.model.source, resolve_source(params.model.source).kind, adapter_dir.as_posix(),
-                        settings, read_json(Path(select_path), "select", SELECT_KEYS), sets)
+                        settings, read_stage_json(Path(select_path), "select", SELECT_KEYS), sets)
     text = card_text(front_matter(inputs), render_body(inputs))
     with atomic_file(adapter_dir / MODEL_CARD) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from grpo_gsm8k.contracts import (ANSWER_METRICS, ANSWER_METRICS_KEYS, SELECT_KEYS, SELECTION_FIGURE, STATS_KEYS,
                                   TRAIN_SUMMARY_KEYS, stats_files)
-from grpo_gsm8k.io import atomic_file, fail
+from grpo_gsm8k.io import atomic_file, fail, read_stage_json
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.science.report_format import fmt_count, render_html
 from grpo_gsm8k.science.report_render import ReportInputs, SetResults
@@ -43,17 +42,10 @@ class ReportSources:
 
 
 def load_json(path: Path, stage: str, keys: tuple[str, ...] = ()):
-    """A stage's JSON output; missing, unreadable or incomplete is a ValueError naming the file and the stage."""
-    if not path.is_file():
-        raise ValueError(f"{path} not found; the {stage} stage writes it (dvc repro)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); rerun the {stage} stage (dvc repro)") from None
-    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
-    if missing or (not keys and not isinstance(data, list)):
-        what = f"lacks {missing[0]!r}" if missing else "is not a list"
-        raise ValueError(f"{path} {what}; it is out of date, rerun the {stage} stage (dvc repro)")
+    """A stage's JSON output (grpo_gsm8k.io.read_stage_json); without `keys` it must be a list (the swap rows)."""
+    data = read_stage_json(path, stage, keys)
+    if not keys and not isinstance(data, list):
+        raise ValueError(f"{path} is not a list; it is out of date, rerun the {stage} stage (dvc repro)")
     return data
 
 
