@@ -38,7 +38,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_CARD = "README.md"  # the Hugging Face model card, read by the hub when the folder is uploaded
 SELECT_KEYS = ("step", "reason", "rule", "rule_step", "validation_rule", "validation_step", "validation_accuracy",
-               "saved_steps", "checkpoint")
+               "validation_points", "saved_steps", "checkpoint")
 SELECTION_FIGURE = "selection.png"  # the select stage's figure, inside the report's figures folder
 
 # stats stage -> results/stats/<set>.json, <set>-swaps.json, <set>-metrics.json and reports/figures/<set>/

@@ -127,7 +127,7 @@ def validation_pass(params: Params, validation_path: Path | None, model_dir: Pat
     if validation_path and params.data.validation_questions and not rows:
         raise ValueError(f"{validation_path} is missing or empty but data.validation_questions="
                          f"{params.data.validation_questions}; rerun the data stage (dvc repro data)")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir) if rows else None  # a finished run may resume with no model at hand
     greedy = dataclasses.replace(params.generation, temperature=0.0)  # one answer each, no sampling noise
 
     def answer(model, prompts: list, desc: str) -> list:

@@ -213,7 +213,8 @@ def test_unwritable_checkpoints_folder_is_one_line(tmp_path, case, capsys):
         (ckpt / "checkpoint-2" / "trainer_state.json").unlink()  # incomplete: nothing to resume from
         locked = ckpt
     argv = ["--params", str(params_file), "--model", str(paths["model_dir"]), "--data", str(paths["data_path"]),
-            "--checkpoints", str(ckpt), "--live", str(paths["live_dir"]), "--summary", str(paths["summary_path"])]
+            "--checkpoints", str(ckpt), "--live", str(paths["live_dir"]), "--summary", str(paths["summary_path"]),
+            "--validation", str(tmp_path / "validation.jsonl")]
     with unwritable(locked), pytest.raises(SystemExit) as exit_info:
         train.main(argv)
     assert exit_info.value.code == 1

@@ -35,7 +35,8 @@ def test_data_stage_writes_prompts_and_seeded_samples(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict()))
     counts = data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     sets = params.evaluation.sets
-    assert counts == {"train": params.data.train_questions, "study": sets["study"].questions,
+    assert counts == {"train": params.data.train_questions, "validation": params.data.validation_questions,
+                      "study": sets["study"].questions,
                       "test": sets["test"].questions}
     study = read_jsonl(tmp_path / "prepared" / "eval" / "study.jsonl")
     assert len({row["qid"] for row in study}) == 20
@@ -163,7 +164,7 @@ def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model
 def test_select_names_the_saved_steps(tmp_path):
     params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**{"select.step": 800})))
     (tmp_path / "ckpt").mkdir()
-    with pytest.raises(ValueError, match=r"select.step=800 has no complete checkpoint .* saved steps: none"):
+    with pytest.raises(ValueError, match=r"select.step=800 has no complete checkpoint; saved steps: none"):
         select.run(params.select, tmp_path / "ckpt", tmp_path / "live", tmp_path / "adapter", tmp_path / "s.json",
                    tmp_path / "selection.png")
     assert not any((tmp_path / name).exists() for name in ("adapter", "s.json", "selection.png"))

@@ -199,9 +199,10 @@ def selection(inputs: ReportInputs) -> list[str]:
         lines.append(row(label, "none" if step is None else str(step),
                          "not validated" if accuracy is None else fmt_pct(accuracy),
                          "yes" if step == sel["step"] else "no"))
-    share = validation["share_of_training_time"]
-    lines += ["", f"The validation passes took {fmt_num(validation['seconds'], 1)} s"
-              + (f", {fmt_pct(share)} of this session's training time." if share is not None else ".")]
+    # What the passes cost is in results/train/summary.json; wall-clock time here would break the report's
+    # byte-for-byte reproducibility.
+    lines += ["", "The time the passes took, and its share of the training time, is the train summary's "
+              "`validation` entry (`dvc metrics show`)."]
     if inputs.selection_figure:
         lines += ["", f"![selection]({inputs.selection_figure})", "",
                   "*Figure selection: validation accuracy and mean training reward by step, with each candidate "
