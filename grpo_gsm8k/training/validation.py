@@ -2,9 +2,10 @@
 
 Before the first step (the base model's point) and at every multiple of eval_steps, the current adapter answers
 `data/prepared/validation.jsonl` once each at temperature 0, through the same engine and grader as the evaluate
-stage (the train stage hands in grpo_gsm8k/generation.py's sampler set to greedy; science/grading.py grades). Accuracy, full-format rate, mean reward, mean length and the
-pass's seconds are logged as validation/* through Trainer.log, so dvclive (and any train.report_to tracker) draws
-them beside the training curves, and trainer_state.json carries them through a resume.
+stage (the train stage hands in grpo_gsm8k/generation.py's sampler set to greedy; science/grading.py grades).
+Accuracy, full-format rate, mean reward, mean length and the pass's seconds are logged as validation/* through
+Trainer.log, so dvclive (and any train.report_to tracker) draws them beside the training curves, and
+trainer_state.json carries them through a resume.
 The pass runs under a forked RNG: training draws the same random numbers with validation on or off.
 The step the validation rule points to so far (science/selection.py) is kept from pruning, so select can use it.
 """
