@@ -87,7 +87,7 @@ class ValidationPass(TrainerCallback):
 
     def _protect_rule_step(self) -> int | None:
         """Keep the validation rule's current step from pruning (and release the one it pointed to before)."""
-        best = best_validation_step(self.curve, [step for step, _ in self.curve], self.window)
+        best = self.rule_step()
         self.protected_steps.clear()
         self.protected_steps.update(self.fixed_steps | ({best} if best is not None else set()))
         return best
@@ -96,4 +96,8 @@ class ValidationPass(TrainerCallback):
         """The validation figures the train summary reports: what it cost against the whole training time."""
         return {"questions": len(self.rows), "passes": self.passes, "seconds": round(self.seconds, 3),
                 "share_of_training_time": self.seconds / train_seconds if train_seconds else None,
-                "rule_step": best_validation_step(self.curve, [step for step, _ in self.curve], self.window)}
+                "rule_step": self.rule_step()}
+
+    def rule_step(self) -> int | None:
+        """The validation rule's step among the validated ones so far (each is saved: eval_steps % save_steps)."""
+        return best_validation_step(self.curve, [step for step, _ in self.curve], self.window)
