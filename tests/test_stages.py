@@ -138,11 +138,17 @@ def test_baseline_writes_the_protocol_columns(tmp_path, tiny_model_dir, greedy):
 
 
 @pytest.mark.slow
-def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model_dir):
+def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
     """train.compile: true (auto turns it on only on a GPU): the compiled run checkpoints, resumes from its newest
-    checkpoint into freshly compiled layers, and keeps the run id of the uncompiled params."""
+    checkpoint into freshly compiled layers, and keeps the run id of the uncompiled params. The resume reads its
+    compiled graphs from the compile cache the first run left, and builds none."""
     import shutil
 
+    import torch._dynamo
+
+    monkeypatch.setenv("GRPO_GSM8K_COMPILE_CACHE", str(tmp_path / "compile-cache"))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
     params = tiny_params(tmp_path, tiny_model_dir, **{"train.compile": True})
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
@@ -153,9 +159,14 @@ def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model
     last = tmp_path / "ckpt" / "checkpoint-2" / "adapter_model.safetensors"
     uninterrupted = load_file(last)
     assert distance_from_init(uninterrupted) > MOVED
+    assert first["first_step"]["inductor_misses"] > 0 and first["first_step"]["inductor_hits"] == 0
+    assert any((tmp_path / "compile-cache" / "inductor").rglob("*"))
     shutil.rmtree(last.parent)  # as if killed before the last save
+    torch._dynamo.reset()  # forget the in-memory compilations, as a new process would
     resumed = train.run(params, *paths)
     assert resumed["resumed_from_step"] == 1 and resumed["global_step"] == 2
+    assert resumed["first_step"]["step"] == 2
+    assert resumed["first_step"]["inductor_hits"] > 0 and resumed["first_step"]["inductor_misses"] == 0
     assert max_difference(uninterrupted, load_file(last)) <= TOLERANCE
     assert resumed["run_id"] == first["run_id"] == train.run_identity(tiny_params(tmp_path, tiny_model_dir),
                                                                       paths[0], paths[1])["run_id"]

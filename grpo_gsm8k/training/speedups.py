@@ -13,6 +13,7 @@ import gc
 import torch
 
 from grpo_gsm8k.modeling import unwrap_causal_lm
+from grpo_gsm8k.training.compile_cache import use_persistent_cache
 
 DEFAULT_MIN_GIB_WITHOUT_CHECKPOINTING = 60.0  # an 8B LoRA step of 24 x ~400 tokens peaks near 36 GiB without it
 
@@ -67,18 +68,20 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
 
     compile_layers None: compile on CUDA only (inductor on CPU spends minutes in C++ builds for little gain).
     On an H100 at the study's shape these took forward + backward from ~1.1 s to ~0.7 s per optimizer step and
-    removed the 6-9 s stalls seen in some steps (bench/RESULTS.md)."""
+    removed the 6-9 s stalls seen in some steps (bench/RESULTS.md). What is compiled, and fastgen's Triton kernels,
+    go to a cache that later runs and resumes read back (training/compile_cache.py)."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
     compile_layers = cuda if compile_layers is None else compile_layers
+    caches = use_persistent_cache() if cuda or compile_layers else {}
     if cuda:
         avoid_cudnn_attention()
     compiled = compile_decoder_layers(model) if compile_layers else 0
     score_in_one_forward(trainer)
     project_only_scored_positions()
     freeze_gc()
-    return {"compiled_layers": compiled, "cudnn_attention_off": cuda, "lm_head_scored_positions_only": True,
-            "gc_frozen": True}
+    return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
+            "lm_head_scored_positions_only": True, "gc_frozen": True}
 
 
 def project_only_scored_positions() -> None:
