@@ -40,7 +40,7 @@ from grpo_gsm8k.params import Params, load_params
 from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_summary
 from grpo_gsm8k.science.rewards import build_reward_funcs
 from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
-from grpo_gsm8k.training.compile_cache import FirstStepClock
+from grpo_gsm8k.training.compile_cache import FirstStepClock, share_through_remote
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
 from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
@@ -198,7 +198,10 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
         choice = params.train.compile
-        print("train:", speed_up_training(trainer, compile_layers=None if choice == "auto" else choice))
+        speedups = speed_up_training(trainer, compile_layers=None if choice == "auto" else choice)
+        print("train:", speedups)
+        if remote and speedups["compiled_layers"]:  # a fresh machine gets the compiled graphs with the checkpoints
+            share_through_remote(remote, first_step, upload=state.is_main_process)
         train_seconds = trainer.train(resume_from_checkpoint=start_from).metrics.get("train_runtime")
         global_step = trainer.state.global_step
     summary = {"run_id": identity["run_id"], "global_step": global_step, "resumed_from_step": resumed_step,

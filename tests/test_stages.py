@@ -12,6 +12,7 @@ from grpo_gsm8k import contracts
 from grpo_gsm8k.io import read_jsonl
 from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, resolve_source
 from grpo_gsm8k.params import load_params
+from grpo_gsm8k.training.checkpoint_sync import RemoteStore
 from stages import baseline, data, evaluate, select, stats, train
 from tests.conftest import ONE_BATCH, REPO, cpu_params_dict, write_params
 from tests.rewards_for_tests import TOKEN_VARIANT
@@ -138,36 +139,42 @@ def test_baseline_writes_the_protocol_columns(tmp_path, tiny_model_dir, greedy):
 
 
 @pytest.mark.slow
-def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+def test_train_stage_with_compiled_layers_saves_and_resumes(tmp_path, tiny_model_dir, shared_s3_server, monkeypatch):
     """train.compile: true (auto turns it on only on a GPU): the compiled run checkpoints, resumes from its newest
-    checkpoint into freshly compiled layers, and keeps the run id of the uncompiled params. The resume reads its
-    compiled graphs from the compile cache the first run left, and builds none."""
+    checkpoint into freshly compiled layers, and keeps the run id of the uncompiled params. The resume runs as on a
+    fresh machine (empty compile cache, new Dynamo state): it reads the compiled graphs the first run left on S3
+    beside its checkpoints, and builds none."""
     import shutil
 
     import torch._dynamo
 
-    monkeypatch.setenv("GRPO_GSM8K_COMPILE_CACHE", str(tmp_path / "compile-cache"))
+    for name, value in shared_s3_server.env().items():
+        monkeypatch.setenv(name, value)
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # restored after the test
         monkeypatch.delenv(name, raising=False)
-    params = tiny_params(tmp_path, tiny_model_dir, **{"train.compile": True})
+    monkeypatch.setenv("GRPO_GSM8K_COMPILE_CACHE", str(tmp_path / "machine-1"))
+    remote = f"s3://{shared_s3_server.bucket}/compiled/{tmp_path.name}"
+    params = tiny_params(tmp_path, tiny_model_dir, **{"train.compile": True, "train.checkpoint_remote": remote})
     data.run(params.data, params.evaluation, params.seed, tmp_path / "prepared")
     prepare_base(str(tiny_model_dir), "main", tmp_path / "base")
     paths = (tmp_path / "base", tmp_path / "prepared" / "train.jsonl", tmp_path / "ckpt", tmp_path / "live",
              tmp_path / "summary.json")
     first = train.run(params, *paths)
     assert first["global_step"] == 2
+    assert first["first_step"]["inductor_misses"] > 0 and first["first_step"]["inductor_hits"] == 0
+    assert any((tmp_path / "machine-1" / "inductor").rglob("*.py"))  # the cache went where it was told
     last = tmp_path / "ckpt" / "checkpoint-2" / "adapter_model.safetensors"
     uninterrupted = load_file(last)
     assert distance_from_init(uninterrupted) > MOVED
-    assert first["first_step"]["inductor_misses"] > 0 and first["first_step"]["inductor_hits"] == 0
-    assert any((tmp_path / "compile-cache" / "inductor").rglob("*"))
     shutil.rmtree(last.parent)  # as if killed before the last save
+    RemoteStore(first["remote"]).delete(2)
+    monkeypatch.setenv("GRPO_GSM8K_COMPILE_CACHE", str(tmp_path / "machine-2"))
     torch._dynamo.reset()  # forget the in-memory compilations, as a new process would
     resumed = train.run(params, *paths)
     assert resumed["resumed_from_step"] == 1 and resumed["global_step"] == 2
+    assert max_difference(uninterrupted, load_file(last)) <= TOLERANCE
     assert resumed["first_step"]["step"] == 2
     assert resumed["first_step"]["inductor_hits"] > 0 and resumed["first_step"]["inductor_misses"] == 0
-    assert max_difference(uninterrupted, load_file(last)) <= TOLERANCE
     assert resumed["run_id"] == first["run_id"] == train.run_identity(tiny_params(tmp_path, tiny_model_dir),
                                                                       paths[0], paths[1])["run_id"]
 

@@ -12,18 +12,31 @@ graph, the torch and Triton versions and the GPU, so an entry from another setup
 deleting the directory only costs the next run its compile time. Dynamo still traces each layer variant afresh
 in every process (a few seconds); everything after the trace is read back.
 
+A fresh machine has no such directory. With a checkpoint remote, the train stage therefore also keeps one portable
+bundle of the run's compiled graphs next to its checkpoints, `<remote>/compile-cache/<torch>-<device>.bin`
+(torch.compiler.save_cache_artifacts: Inductor's and AOTAutograd's entries with their Triton binaries): a resume
+loads it before training (`fetch_portable`), and a process that had to build graphs uploads it after its first
+step (`upload_portable`). Either failing is a `warning:` line and costs only compile time. fastgen's own Triton
+kernels are not in the bundle; they compile in seconds.
+
 `FirstStepClock` times the first optimizer step of the process (where the compiling happens) and counts what
 it read back (hits) and built (misses); the train stage prints that and keeps it in summary.json `first_step`.
 """
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
+import fsspec
 from transformers import TrainerCallback
 
+from grpo_gsm8k.io import first_line
+from grpo_gsm8k.training.checkpoint_sync import warn
+
 ENV = "GRPO_GSM8K_COMPILE_CACHE"
+PORTABLE_DIR = "compile-cache"  # under the run's checkpoint remote, beside checkpoint-<step>/
 COUNTED = {("inductor", "fxgraph_cache_hit"): "inductor_hits", ("inductor", "fxgraph_cache_miss"): "inductor_misses",
            ("aot_autograd", "autograd_cache_hit"): "autograd_hits",
            ("aot_autograd", "autograd_cache_miss"): "autograd_misses"}
@@ -72,12 +85,81 @@ def cache_counts() -> dict:
     return {name: int(counters[group][key]) for (group, key), name in COUNTED.items()}
 
 
+def portable_name() -> str:
+    """The bundle's file name: compiled code is only valid for one torch build and one kind of device."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "-", f"torch-{torch.__version__}-{device}") + ".bin"
+
+
+def _portable_path(remote_uri: str, storage_options: dict | None):
+    fs, root = fsspec.core.url_to_fs(remote_uri.rstrip("/"), **(storage_options or {}))
+    return fs, f"{root.rstrip('/')}/{PORTABLE_DIR}/{portable_name()}"
+
+
+def fetch_portable(remote_uri: str, storage_options: dict | None = None) -> int:
+    """Load the run's bundle from the remote into this process's caches. Returns the graphs it held (0: none)."""
+    import torch
+
+    try:
+        fs, path = _portable_path(remote_uri, storage_options)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return 0
+    except Exception as err:  # the server: training goes on, compiling from scratch
+        warn(f"could not read the compile cache {remote_uri}/{PORTABLE_DIR} ({first_line(err)}); compiling anew")
+        return 0
+    try:
+        info = torch.compiler.load_cache_artifacts(data)
+    except Exception as err:  # e.g. a truncated or foreign object
+        warn(f"{remote_uri}/{PORTABLE_DIR}/{portable_name()} is not a readable compile cache "
+             f"({first_line(err)}); compiling anew, and the next upload replaces it")
+        return 0
+    return sum(len(keys) for keys in info.artifacts.values()) if info else 0
+
+
+def upload_portable(remote_uri: str, storage_options: dict | None = None) -> int:
+    """Write what this process compiled or read back so far as the run's bundle. Returns the graphs in it."""
+    import torch
+
+    artifacts = torch.compiler.save_cache_artifacts()
+    if not artifacts:
+        return 0
+    data, info = artifacts
+    try:
+        fs, path = _portable_path(remote_uri, storage_options)
+        fs.pipe_file(path, data)  # one object: the server stores it whole or not at all
+    except Exception as err:
+        warn(f"could not upload the compile cache to {remote_uri}/{PORTABLE_DIR} ({first_line(err)}); "
+             "a resume on another machine compiles anew")
+        return 0
+    return sum(len(keys) for keys in info.artifacts.values())
+
+
+def share_through_remote(remote_uri: str, clock: "FirstStepClock", upload: bool) -> int:
+    """Load the run's bundle now (before the first compilation); if `upload`, upload a new one after a first step
+    that built graphs. Call it after use_persistent_cache(): loading writes into the cache in use.
+    Returns the graphs loaded."""
+    loaded = fetch_portable(remote_uri)
+    if loaded:
+        print(f"train: {loaded} compiled graphs loaded from {remote_uri}/{PORTABLE_DIR}", flush=True)
+
+    def upload_now():
+        if sent := upload_portable(remote_uri):
+            print(f"train: {sent} compiled graphs uploaded to {remote_uri}/{PORTABLE_DIR}", flush=True)
+
+    clock.after_building = upload_now if upload else None
+    return loaded
+
+
 class FirstStepClock(TrainerCallback):
     """Wall time of this process's first optimizer step (a resume's first step too), and the graphs compiled
     from the start of training to the end of that step, read back or built."""
 
     def __init__(self):
         self.report: dict = {}
+        self.after_building = None  # called when the first step had to build graphs (share_through_remote)
         self._start = None
         self._counts_before: dict = {}
 
@@ -97,6 +179,8 @@ class FirstStepClock(TrainerCallback):
         print(f"train: first step (step {state.global_step}) took {self.report['seconds']:.1f} s; compiled graphs "
               f"read from the cache: {self.report['inductor_hits']}, built: {self.report['inductor_misses']}",
               flush=True)
+        if self.after_building and (self.report["inductor_misses"] or self.report["autograd_misses"]):
+            self.after_building()
 
 
 def _wait_for_gpu() -> None:
