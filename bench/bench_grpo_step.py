@@ -301,6 +301,10 @@ def run_engine(engine: str, cli) -> dict:
     from grpo_gsm8k.training.speedups import avoid_cudnn_attention, compile_decoder_layers, freeze_gc, speed_up_training
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if engine == "fast" and torch.cuda.is_available():  # as the train stage does before loading its model
+        from grpo_gsm8k.training.compile_cache import start_compile_workers
+
+        start_compile_workers()
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
     scale = parse_lengths(getattr(cli, "lengths", "max"))
     fast = engine in FAST_ENGINES

@@ -40,10 +40,10 @@ from grpo_gsm8k.params import Params, load_params
 from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_summary
 from grpo_gsm8k.science.rewards import build_reward_funcs
 from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
-from grpo_gsm8k.training.compile_cache import FirstStepClock, share_through_remote
+from grpo_gsm8k.training.compile_cache import FirstStepClock, share_through_remote, start_compile_workers
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
-from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training
+from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training, will_compile
 from grpo_gsm8k.training.trackers import tracker_names
 from grpo_gsm8k.training.validation import ValidationPass
 
@@ -191,14 +191,16 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
             sync.finish()
         global_step = resumed_step
     else:
+        choice = None if params.train.compile == "auto" else params.train.compile
+        if will_compile(choice, cuda=pick_device(params.model.device) == "cuda"):
+            start_compile_workers()  # in the background while the model loads
         # The norm joins the logs first; validation logs through the LiveLogger, so it comes after it.
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
                                 [UpdateNormLogger(), LiveLogger(live_dir), sync, validation, first_step])
         validation.attach(trainer)
         if start_from:
             print(f"train: resuming run {identity['run_id']} from {start_from} (step {resumed_step})")
-        choice = params.train.compile
-        speedups = speed_up_training(trainer, compile_layers=None if choice == "auto" else choice)
+        speedups = speed_up_training(trainer, compile_layers=choice)
         print("train:", speedups)
         if remote and speedups["compiled_layers"]:  # a fresh machine gets the compiled graphs with the checkpoints
             share_through_remote(remote, first_step, upload=state.is_main_process)

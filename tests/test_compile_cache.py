@@ -43,3 +43,39 @@ def test_a_later_call_moves_what_an_earlier_call_set():
     use_persistent_cache(environ)
     environ[ENV] = "/second"
     assert use_persistent_cache(environ) == {"inductor": "/second/inductor", "triton": "/second/triton"}
+
+
+@pytest.mark.parametrize("choice, cuda, expected", [
+    (None, True, True),     # auto: compile on a GPU
+    (None, False, False),   # auto: not on CPU, where Inductor's C++ builds cost minutes
+    (True, False, True),    # train.compile: true compiles anywhere
+    (False, True, False),
+])
+def test_will_compile(choice, cuda, expected):
+    from grpo_gsm8k.training.speedups import will_compile
+
+    assert will_compile(choice, cuda) is expected
+
+
+def test_a_missing_bundle_is_silent_and_a_corrupt_or_unreachable_one_is_a_warning(shared_s3_server, monkeypatch,
+                                                                                  capsys):
+    """A resume on a fresh machine never fails for the compile cache: it compiles anew, and says why."""
+    import fsspec
+
+    from grpo_gsm8k.training.compile_cache import PORTABLE_DIR, fetch_portable, portable_name
+
+    for name, value in shared_s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    remote = f"s3://{shared_s3_server.bucket}/compile-cache-faults"
+    assert fetch_portable(remote) == 0
+    assert capsys.readouterr().err == ""
+    with fsspec.open(f"{remote}/{PORTABLE_DIR}/{portable_name()}", "wb") as handle:
+        handle.write(b"not a bundle")
+    assert fetch_portable(remote) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "is not a readable compile cache" in err and err.count("\n") == 1
+    nothing_listens = {"endpoint_url": "http://127.0.0.1:9", "skip_instance_cache": True,
+                       "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}
+    assert fetch_portable(remote, storage_options=nothing_listens) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: could not read the compile cache") and err.count("\n") == 1

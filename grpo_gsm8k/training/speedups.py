@@ -62,6 +62,11 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def will_compile(choice: bool | None, cuda: bool) -> bool:
+    """train.compile: true or false as given; auto (None) compiles on CUDA only."""
+    return cuda if choice is None else choice
+
+
 def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
     """The training-side settings of the fast path, applied to a GRPOTrainer just before `trainer.train()`.
     Returns what was done.
@@ -72,7 +77,7 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
     go to a cache that later runs and resumes read back (training/compile_cache.py)."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
-    compile_layers = cuda if compile_layers is None else compile_layers
+    compile_layers = will_compile(compile_layers, cuda)
     caches = use_persistent_cache() if cuda or compile_layers else {}
     if cuda:
         avoid_cudnn_attention()
