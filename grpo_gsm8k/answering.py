@@ -3,37 +3,19 @@
 The baseline and evaluate stages differ only in the model they pass here, so both are graded by the same code.
 Beside the sampled answers, an optional greedy pass (temperature 0, one answer per question, same engine) and the
 standard-protocol columns of grpo_gsm8k.science.protocols (maj@k, pass@k, lm-eval's strict and flexible matches).
-Sampling is grpo_gsm8k/generation.py; the output files are grpo_gsm8k/contracts.py's.
+Sampling and grading are grpo_gsm8k/generation.py's answer_set; the output files are grpo_gsm8k/contracts.py's.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from grpo_gsm8k.contracts import ANSWER_METRICS, COMPLETIONS, GREEDY
-from grpo_gsm8k.generation import sample_completions
+from grpo_gsm8k.generation import answer_set
 from grpo_gsm8k.io import atomic_output_dir, read_jsonl, write_json, write_jsonl
 from grpo_gsm8k.modeling import load_model, load_tokenizer
-from grpo_gsm8k.params import GenerationParams
-from grpo_gsm8k.science.grading import grade
 from grpo_gsm8k.science.protocols import greedy_protocols, sampled_protocols
 from grpo_gsm8k.science.rewards import total_reward
-
-
-def answer_set(model, tokenizer, rows: list[dict], samples: int, gen: GenerationParams, seed: int,
-               desc: str) -> list[dict]:
-    """One graded record per (question, sample)."""
-    completions = sample_completions(model, tokenizer, [row["prompt"] for row in rows], samples, gen, seed, desc)
-    records = []
-    for index, completion in enumerate(completions):
-        row = rows[index // samples]
-        text = tokenizer.decode(completion.ids, skip_special_tokens=True)
-        records.append({
-            "qid": row["qid"], "sample": index % samples, "question": row["question"], "gold": row["answer"],
-            "completion": text, "n_tokens": len(completion.ids), "truncated": completion.truncated,
-            **asdict(grade(text, row["answer"])),
-        })
-    return records
 
 
 def summarize(records: list[dict], greedy_records: list[dict] | None = None) -> dict:

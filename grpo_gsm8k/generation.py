@@ -4,13 +4,14 @@ rerun with the same params gives the same completions. Used by the answer stages
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from grpo_gsm8k.fastgen.generator import FastGenerator
 from grpo_gsm8k.params import GenerationParams
+from grpo_gsm8k.science.grading import grade
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,20 @@ def _eos_ids(model, tokenizer) -> set[int]:
     configured = model.generation_config.eos_token_id
     ids = set(configured if isinstance(configured, list) else [configured]) if configured is not None else set()
     return ids | {tokenizer.eos_token_id}
+
+
+def answer_set(model, tokenizer, rows: list[dict], samples: int, gen: GenerationParams, seed: int,
+               desc: str) -> list[dict]:
+    """One graded record per (question, sample): what the baseline and evaluate stages write, and what the train
+    stage's validation pass scores. rows: the data stage's (qid, question, answer, prompt)."""
+    completions = sample_completions(model, tokenizer, [row["prompt"] for row in rows], samples, gen, seed, desc)
+    records = []
+    for index, completion in enumerate(completions):
+        row = rows[index // samples]
+        text = tokenizer.decode(completion.ids, skip_special_tokens=True)
+        records.append({
+            "qid": row["qid"], "sample": index % samples, "question": row["question"], "gold": row["answer"],
+            "completion": text, "n_tokens": len(completion.ids), "truncated": completion.truncated,
+            **asdict(grade(text, row["answer"])),
+        })
+    return records

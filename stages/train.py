@@ -33,7 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from grpo_gsm8k.contracts import read_curves, read_metric
 from grpo_gsm8k.fastgen.rollout import make_rollout_func
-from grpo_gsm8k.generation import sample_completions
+from grpo_gsm8k.generation import answer_set
 from grpo_gsm8k.io import fail, read_jsonl, write_json
 from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_device
 from grpo_gsm8k.params import Params, load_params
@@ -131,10 +131,10 @@ def validation_pass(params: Params, validation_path: Path | None, model_dir: Pat
     tokenizer = load_tokenizer(model_dir) if rows else None  # a finished run may resume with no model at hand
     greedy = dataclasses.replace(params.generation, temperature=0.0)  # one answer each, no sampling noise
 
-    def answer(model, prompts: list, desc: str) -> list:
-        return sample_completions(model, tokenizer, prompts, 1, greedy, params.seed, desc)
+    def answer(model, rows: list[dict], desc: str) -> list[dict]:
+        return answer_set(model, tokenizer, rows, 1, greedy, params.seed, desc)
 
-    return ValidationPass(rows, tokenizer, answer, params.reward, every=params.train.eval_steps,
+    return ValidationPass(rows, answer, params.reward, every=params.train.eval_steps,
                           window=params.select.validation_window, protected_steps=sync.protect_steps)
 
 

@@ -21,7 +21,7 @@ ALLOWED = {
     "grpo_gsm8k.params": {"grpo_gsm8k.science"},
     "grpo_gsm8k.fastgen": {"grpo_gsm8k.fastgen", "grpo_gsm8k.modeling"},
     "grpo_gsm8k.modeling": set(),
-    "grpo_gsm8k.generation": {"grpo_gsm8k.fastgen", "grpo_gsm8k.params"},
+    "grpo_gsm8k.generation": {"grpo_gsm8k.fastgen", "grpo_gsm8k.params", "grpo_gsm8k.science"},  # answer_set grades
     "grpo_gsm8k.answering": {"grpo_gsm8k.contracts", "grpo_gsm8k.generation", "grpo_gsm8k.io", "grpo_gsm8k.modeling",
                              "grpo_gsm8k.params", "grpo_gsm8k.science"},
     "grpo_gsm8k.training": {"grpo_gsm8k.training", "grpo_gsm8k.science", "grpo_gsm8k.fastgen", "grpo_gsm8k.io",

@@ -175,7 +175,7 @@ def test_a_resumed_run_keeps_protecting_the_rules_step():
     state = TrainerState(global_step=50, log_history=[
         {"step": 0, "validation/accuracy": 0.9}, {"step": 25, "validation/accuracy": 0.5}, {"loss": 0.1, "step": 25},
         {"step": 50, "validation/accuracy": 0.2}])
-    validation = ValidationPass([], tokenizer=None, answer=None, knobs=None, every=25, window=1,
+    validation = ValidationPass([], answer=None, knobs=None, every=25, window=1,
                                 protected_steps=protected)
     validation.on_train_begin(None, state, None)
     assert protected == {800, 25} and validation.curve == [(0, 0.9), (25, 0.5), (50, 0.2)]

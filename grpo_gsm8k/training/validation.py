@@ -2,7 +2,7 @@
 
 Before the first step (the base model's point) and at every multiple of eval_steps, the current adapter answers
 `data/prepared/validation.jsonl` once each at temperature 0, through the same engine and grader as the evaluate
-stage (the train stage hands in grpo_gsm8k/generation.py's sampler set to greedy; science/grading.py grades).
+stage (the train stage hands in grpo_gsm8k/generation.py's answer_set set to greedy, which grades too).
 Accuracy, full-format rate, mean reward, mean length and the pass's seconds are logged as validation/* through
 Trainer.log, so dvclive (and any train.report_to tracker) draws them beside the training curves, and
 trainer_state.json carries them through a resume.
@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 from transformers import Trainer, TrainerCallback
 
-from grpo_gsm8k.science.grading import grade
 from grpo_gsm8k.science.rewards import RewardKnobs, total_reward
 from grpo_gsm8k.science.selection import (VALIDATION_ACCURACY, VALIDATION_PREFIX, best_validation_step,
                                           validation_metrics)
@@ -26,11 +25,11 @@ SECONDS = f"{VALIDATION_PREFIX}seconds"
 
 
 class ValidationPass(TrainerCallback):
-    def __init__(self, rows: list[dict], tokenizer, answer: Callable, knobs: RewardKnobs, every: int, window: int,
+    def __init__(self, rows: list[dict], answer: Callable, knobs: RewardKnobs, every: int, window: int,
                  protected_steps: set[int]):
-        """answer(model, prompts, desc) -> one greedy completion (.ids) per prompt; protected_steps: the set
-        CheckpointSync never prunes, to which the rule's current step is added."""
-        self.rows, self.tokenizer, self.answer, self.every, self.window = rows, tokenizer, answer, every, window
+        """answer(model, rows, desc) -> one graded greedy record per row (generation.answer_set); protected_steps:
+        the set CheckpointSync never prunes, to which the rule's current step is added."""
+        self.rows, self.answer, self.every, self.window = rows, answer, every, window
         self.knobs, self.protected_steps = knobs, protected_steps
         self.fixed_steps = set(protected_steps)
         self.trainer: Trainer | None = None  # set by attach(); Trainer.log writes the curves
@@ -62,15 +61,9 @@ class ValidationPass(TrainerCallback):
         model.eval()  # LoRA dropout off
         cuda = [model.device] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
-            completions = self.answer(model, [row["prompt"] for row in self.rows],
-                                      f"validation at step {state.global_step}")
+            graded = self.answer(model, self.rows, f"validation at step {state.global_step}")
         model.train(was_training)
-        records = []
-        for row, completion in zip(self.rows, completions):
-            text = self.tokenizer.decode(completion.ids, skip_special_tokens=True)
-            records.append({"completion": text, "n_tokens": len(completion.ids),
-                            "correct": grade(text, row["answer"]).correct,
-                            "reward": total_reward(text, row["answer"], len(completion.ids), self.knobs)})
+        records = [{**r, "reward": total_reward(r["completion"], r["gold"], r["n_tokens"], self.knobs)} for r in graded]
         metrics = validation_metrics(records)
         elapsed = time.perf_counter() - started
         self.seconds += elapsed
