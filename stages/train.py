@@ -192,7 +192,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         global_step = resumed_step
     else:
         choice = None if params.train.compile == "auto" else params.train.compile
-        if will_compile(choice, cuda=pick_device(params.model.device) == "cuda"):
+        cuda = pick_device(params.model.device) == "cuda"
+        if cuda and will_compile(choice, cuda):  # the workers build and load Triton (GPU) kernels
             start_compile_workers()  # in the background while the model loads
         # The norm joins the logs first; validation logs through the LiveLogger, so it comes after it.
         trainer = build_trainer(params, model_dir, data_path, checkpoints,
