@@ -196,8 +196,9 @@ class FirstStepClock(TrainerCallback):
         _wait_for_gpu()
         counts = {k: v - self._counts_before.get(k, 0) for k, v in cache_counts().items()}
         self.report = {"step": state.global_step, "seconds": round(time.perf_counter() - self._start, 2), **counts}
-        print(f"train: first step (step {state.global_step}) took {self.report['seconds']:.1f} s; compiled graphs "
-              f"read from the cache: {self.report['inductor_hits']}, built: {self.report['inductor_misses']}",
+        hits, misses = self.report["inductor_hits"], self.report["inductor_misses"]
+        graphs = f"compiled graphs read from the cache: {hits}, built: {misses}" if hits or misses else "none compiled"
+        print(f"train: first step (step {state.global_step}) took {self.report['seconds']:.1f} s; {graphs}",
               flush=True)
         # Inductor's misses only: a warm process still counts a few AOTAutograd misses (attempts Dynamo restarts).
         if self.after_building and self.report["inductor_misses"]:
