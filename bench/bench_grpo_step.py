@@ -353,9 +353,7 @@ def run_engine(engine: str, cli) -> dict:
     trainer.train()
     result = summarize(engine, clock.steps, args)
     if options.get("compile"):
-        from torch._dynamo.utils import counters
-
-        from torch._dynamo.utils import compile_times
+        from torch._dynamo.utils import compile_times, counters
 
         from grpo_gsm8k.training.compile_cache import cache_counts
 

@@ -30,11 +30,10 @@ import re
 import time
 from pathlib import Path
 
-import fsspec
 from transformers import TrainerCallback
 
 from grpo_gsm8k.io import first_line
-from grpo_gsm8k.training.checkpoint_sync import warn
+from grpo_gsm8k.training.checkpoint_sync import RemoteStore, warn
 
 ENV = "GRPO_GSM8K_COMPILE_CACHE"
 PORTABLE_DIR = "compile-cache"  # under the run's checkpoint remote, beside checkpoint-<step>/
@@ -106,8 +105,8 @@ def portable_name() -> str:
 
 
 def _portable_path(remote_uri: str, storage_options: dict | None):
-    fs, root = fsspec.core.url_to_fs(remote_uri.rstrip("/"), **(storage_options or {}))
-    return fs, f"{root.rstrip('/')}/{PORTABLE_DIR}/{portable_name()}"
+    store = RemoteStore(remote_uri, storage_options)  # the checkpoints' own view of the remote
+    return store.fs, f"{store.root}/{PORTABLE_DIR}/{portable_name()}"
 
 
 def fetch_portable(remote_uri: str, storage_options: dict | None = None) -> int:
