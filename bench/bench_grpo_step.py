@@ -26,8 +26,8 @@ A second table gives each phase's distance from the card's limit: decode as byte
 weights without the embedding table, plus the visible K/V) over its time vs HBM bandwidth; training as useful
 FLOPs (2 x non-embedding parameters x tokens for each forward, the same for the frozen-base backward, lm_head on
 completion tokens only, attention FLOPs left out) over the phase's time vs peak bf16. Limits default to what was
-measured on the card (H200: 4.3 TB/s copy, 790 TFLOP/s bf16 matmul, see the device KINDS.md); --hbm-tbps and
---peak-tflops set them.
+measured on the card (H200: 4.3 TB/s copy, 790 TFLOP/s bf16 matmul; H100: 3.0 and 798; the device KINDS.md);
+--hbm-tbps and --peak-tflops set them.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True}}  # as first measured
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
-CARD_LIMITS = {"H200": (4.3, 790.0)}  # name substring: (TB/s, TFLOP/s)
+CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
 
 
 def build_tokenizer(vocab_size: int):
@@ -291,6 +291,31 @@ def phase_limits(result: dict, sizes: dict, beta: float, hbm_tbps: float | None,
     return out
 
 
+def watch_kernel_loading() -> dict:
+    """Time Inductor's hand-off of Triton kernels (to its worker processes, or compiled in this process while they
+    are not ready yet) and when the workers became ready: where a warm first step's graph loading goes."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    seen = {"kernels": 0, "in_workers": 0, "triton_call_s": 0.0, "workers_ready_s": None}
+    start = time.perf_counter()
+    if AsyncCompile._ready_future is not None:
+        AsyncCompile._ready_future.add_done_callback(
+            lambda _: seen.update(workers_ready_s=round(time.perf_counter() - start, 1)))
+    original = AsyncCompile.triton
+
+    def timed(self, *args, **kwargs):
+        seen["in_workers"] += bool(AsyncCompile.use_process_pool())
+        began = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            seen["kernels"] += 1
+            seen["triton_call_s"] = round(seen["triton_call_s"] + time.perf_counter() - began, 2)
+
+    AsyncCompile.triton = timed
+    return seen
+
+
 def run_engine(engine: str, cli) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
@@ -305,6 +330,7 @@ def run_engine(engine: str, cli) -> dict:
         from grpo_gsm8k.training.compile_cache import start_compile_workers
 
         start_compile_workers()
+    kernel_loading = watch_kernel_loading() if engine == "fast" and torch.cuda.is_available() else None
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
     scale = parse_lengths(getattr(cli, "lengths", "max"))
     fast = engine in FAST_ENGINES
@@ -359,7 +385,9 @@ def run_engine(engine: str, cli) -> dict:
 
         result["dynamo"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
         result["compile_cache"] = {"dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""), **cache_counts()}
-        print(f"[{engine}] first step {clock.steps[0]['step']:.1f} s; compile cache {result['compile_cache']}\n"
+        result["kernel_loading"] = kernel_loading
+        print(f"[{engine}] first step {clock.steps[0]['step']:.1f} s; compile cache {result['compile_cache']}; "
+              f"Triton kernels handed to Inductor {kernel_loading}\n"
               + compile_times(), flush=True)
     if fast:
         stats = trainer.rollout_func.generator.stats
@@ -452,6 +480,7 @@ def main() -> None:
     if cli.child:
         print("RESULT " + json.dumps(run_engine(engines[0], cli)), flush=True)
         return
+    Path(cli.out).mkdir(parents=True, exist_ok=True)
     results = []
     for engine in engines:  # one process each: peak memory and allocator state are not shared
         steps = cli.trl_steps if engine.startswith("trl") and cli.trl_steps else cli.steps

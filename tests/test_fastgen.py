@@ -251,6 +251,31 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
     assert compile_decoder_layers(model) == 2  # compiling again is harmless
 
 
+def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatch):
+    """A LoRA layer holds Python floats (seven adapter scalings, the attention scale, RMSNorm's eps). Compiled
+    with dynamic shapes they became 0-d CPU float64 graph inputs, each cast by a C++ kernel whose loading cost a
+    warm-cache first step on an H100 ~36 s; compiled in as constants, no graph takes one."""
+    import torch._dynamo
+
+    from grpo_gsm8k.training.speedups import compile_decoder_layers
+
+    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default, restored afterwards
+    torch._dynamo.reset()
+    scalar_inputs = []
+
+    def record(graph, example_inputs):
+        scalar_inputs.append([t for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() == 0])
+        return graph.forward
+
+    model = with_lora(tiny_model()).train()
+    assert compile_decoder_layers(model, backend=record) == 2
+    ids = torch.randint(3, 300, (2, 9))
+    model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().mean().backward()
+    torch._dynamo.reset()
+    assert scalar_inputs, "no layer was compiled"
+    assert all(inputs == [] for inputs in scalar_inputs), [[(t.dtype, t.device.type) for t in i] for i in scalar_inputs]
+
+
 def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     """beta > 0: TRL's no-grad reference forward takes the whole generation batch at once (same log-probs as its
     chunks); training forwards keep per_device_train_batch_size."""

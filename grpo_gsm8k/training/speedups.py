@@ -34,7 +34,7 @@ def fast_training_overrides(*, gradient_checkpointing: bool | None = None,
     return {"gradient_checkpointing": gradient_checkpointing}
 
 
-def compile_decoder_layers(model, *, recompile_limit: int = 64) -> int:
+def compile_decoder_layers(model, *, recompile_limit: int = 64, backend="inductor") -> int:
     """torch.compile each decoder layer in place ("regional" compilation) for the training forward and backward.
 
     The eager LoRA forward is bound by the host: ~75 small kernels per layer (peft's adapter branches, fp32
@@ -43,13 +43,19 @@ def compile_decoder_layers(model, *, recompile_limit: int = 64) -> int:
     so new sequence lengths do not recompile. Variants that do compile once each: the first layer (its input needs
     no grad), attention with or without a padding mask, adapters disabled (beta > 0's reference forward), no_grad;
     `recompile_limit` leaves room for them. FastGenerator never calls the layers, so rollouts are unaffected.
+
+    Python floats (peft's seven LoRA scalings a layer, the attention scale, RMSNorm's eps) are compiled in as
+    constants: left dynamic, each became a CPU float64 graph input cast by a C++ kernel, and loading those kernels
+    checks the CPU's vector ISA in fresh Python subprocesses, ~3.5 s each, so ~36 s of a warm-cache first step on
+    an H100 host went there. The values never change during training; a change would recompile, not go wrong.
     Returns the number of layers compiled."""
     import torch._dynamo  # a submodule that `import torch` does not load
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    torch._dynamo.config.specialize_float = True  # read when a layer first runs, so set for the process
     layers = unwrap_causal_lm(model).model.layers
     for layer in layers:
-        layer.compile(dynamic=True)
+        layer.compile(dynamic=True, backend=backend)
     return len(layers)
 
 
