@@ -82,8 +82,8 @@ def start_compile_workers() -> None:
     """Start Inductor's compile worker processes now, so that their start-up overlaps loading the model.
 
     Inductor starts them at its first compilation, and a graph read from the cache still hands its Triton kernels
-    to them to load. On an H100 host one cached graph took 36 s of a warm first step's 56 s to load, most likely
-    waiting for them (bench/RESULTS.md); how much this early start saves was not measured."""
+    to them to load. Started here, on an H100 host they were ready 7 s later, before the first graph was loaded
+    (bench/RESULTS.md)."""
     from torch._inductor.async_compile import maybe_warm_pool
 
     maybe_warm_pool()
