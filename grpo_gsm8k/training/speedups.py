@@ -45,9 +45,10 @@ def compile_decoder_layers(model, *, recompile_limit: int = 64, backend="inducto
     `recompile_limit` leaves room for them. FastGenerator never calls the layers, so rollouts are unaffected.
 
     Python floats (peft's seven LoRA scalings a layer, the attention scale, RMSNorm's eps) are compiled in as
-    constants: left dynamic, each became a CPU float64 graph input cast by a C++ kernel, and loading those kernels
-    checks the CPU's vector ISA in fresh Python subprocesses, ~3.5 s each, so ~36 s of a warm-cache first step on
-    an H100 host went there. The values never change during training; a change would recompile, not go wrong.
+    constants. Left dynamic, each became a CPU float64 graph input cast by a C++ kernel, and loading a graph with
+    such kernels ran Inductor's C++ build checks (its CPU vector-ISA probes each start a Python subprocess): 35.6 s
+    of a 52.8 s warm-cache first step on an H100 host, 9.7 s without them (bench/RESULTS.md). The values never
+    change during training; a change would recompile, not go wrong.
     Returns the number of layers compiled."""
     import torch._dynamo  # a submodule that `import torch` does not load
 
