@@ -252,9 +252,9 @@ def test_compiled_decoder_layers_give_the_eager_loss_and_lora_gradients(checkpoi
 
 
 def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatch):
-    """A LoRA layer holds Python floats (seven adapter scalings, the attention scale, RMSNorm's eps). Compiled
-    with dynamic shapes they became 0-d CPU float64 graph inputs, each cast by a C++ kernel whose loading cost a
-    warm-cache first step on an H100 ~36 s; compiled in as constants, no graph takes one."""
+    """A LoRA layer holds 11 Python floats (seven adapter scalings, the attention scale and dropout, two RMSNorm
+    eps). Compiled with dynamic shapes they became 0-d CPU float64 graph inputs, each cast by a C++ kernel whose
+    loading cost a warm-cache first step on an H100 ~36 s; compiled in as constants, no graph takes one."""
     import torch._dynamo
 
     from grpo_gsm8k.training.speedups import compile_decoder_layers
@@ -273,7 +273,8 @@ def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatc
     model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().mean().backward()
     torch._dynamo.reset()
     assert scalar_inputs, "no layer was compiled"
-    assert all(inputs == [] for inputs in scalar_inputs), [[(t.dtype, t.device.type) for t in i] for i in scalar_inputs]
+    assert all(inputs == [] for inputs in scalar_inputs), [[(t.dtype, t.device.type) for t in inputs]
+                                                            for inputs in scalar_inputs]
 
 
 def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):

@@ -44,11 +44,11 @@ def compile_decoder_layers(model, *, recompile_limit: int = 64, backend="inducto
     no grad), attention with or without a padding mask, adapters disabled (beta > 0's reference forward), no_grad;
     `recompile_limit` leaves room for them. FastGenerator never calls the layers, so rollouts are unaffected.
 
-    Python floats (peft's seven LoRA scalings a layer, the attention scale, RMSNorm's eps) are compiled in as
-    constants. Left dynamic, each became a CPU float64 graph input cast by a C++ kernel, and loading a graph with
-    such kernels ran Inductor's C++ build checks (its CPU vector-ISA probes each start a Python subprocess): 35.6 s
-    of a 52.8 s warm-cache first step on an H100 host, 9.7 s without them (bench/RESULTS.md). The values never
-    change during training; a change would recompile, not go wrong.
+    A layer's 11 Python floats (peft's seven LoRA scalings, the attention scale and dropout, two RMSNorm eps) are
+    compiled in as constants. Left dynamic, each became a CPU float64 graph input cast by a C++ kernel, and
+    loading a graph with such kernels ran Inductor's C++ build checks (its CPU vector-ISA probes each start a
+    Python subprocess): 35.6 s of a 52.8 s warm-cache first step on an H100 host, 9.7 s without them
+    (bench/RESULTS.md). The values never change during training; a change would recompile, not go wrong.
     Returns the number of layers compiled."""
     import torch._dynamo  # a submodule that `import torch` does not load
 
