@@ -189,7 +189,9 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
 def write_profile(prof, step_s: float, path: Path) -> float:
     """Kernel time of the profiled step against its wall time (profiling slows the host side), and the top ops."""
     averages = prof.key_averages()
-    kernel_s = sum(e.self_device_time_total for e in averages) / 1e6
+    # Kernels only, as torch's table footer counts: an op's (aten::mm) self device time repeats its kernels' time.
+    kernel_s = sum(e.self_device_time_total for e in averages
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
     text = (f"profiled step: {step_s:.2f} s wall, {kernel_s:.2f} s of GPU kernels "
             f"({100 * kernel_s / step_s:.0f}% busy at most)\n\n"
             + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n"
