@@ -199,7 +199,8 @@ class FirstStepClock(TrainerCallback):
         graphs = f"compiled graphs read from the cache: {hits}, built: {misses}" if hits or misses else "none compiled"
         print(f"train: first step (step {state.global_step}) took {self.report['seconds']:.1f} s; {graphs}",
               flush=True)
-        # Inductor's misses only: a warm process still counts a few AOTAutograd misses (attempts Dynamo restarts).
+        # Inductor's misses only: AOTAutograd can count misses in a process that built no graph (3 on an H100
+        # before the layers' floats were compiled in as constants).
         if self.after_building and self.report["inductor_misses"]:
             self.after_building()
 
