@@ -32,8 +32,10 @@ measured on the card (H200: 4.3 TB/s copy, 790 TFLOP/s bf16 matmul; H100: 3.0 an
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from trace_gaps import analyse, load, report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -115,29 +119,62 @@ def correct(completions, answer, **kwargs):
 
 
 class PhaseClock:
-    """Host-synchronised wall time per phase, reset at each optimizer step."""
+    """Seconds per phase of each optimizer step, read off the GPU's own timeline (CUDA events; wall time on CPU).
+
+    Events add no host sync inside the step. A sync at every phase edge (how this bench used to measure) drains the
+    GPU's queue, then the GPU idles while the host launches the next phase's first kernels: time the train stage
+    never pays. The phases still partition the step: a phase's time runs from the GPU reaching its start mark to
+    reaching its end mark, so the GPU waiting for the host (rewards on CPU, a .item()) counts in the phase that
+    waited. Each phase is also a profiler range ("bench:<phase>") that bench/trace_gaps.py reads."""
 
     def __init__(self):
         self.current = dict.fromkeys(PHASES, 0.0)
         self.steps: list[dict] = []
+        self.pending: list[tuple[str, object, object]] = []  # (phase, start mark, end mark) of the running step
+        self.subtract: dict[str, str] = {}
 
     def wrap(self, owner, name: str, phase: str, subtract: str | None = None):
+        """Time owner.name as `phase`; `subtract`: a phase that only ever runs inside this one, its time taken out."""
         original = getattr(owner, name)
+        if subtract:
+            self.subtract[phase] = subtract
 
         def timed(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            before = self.current[subtract] if subtract else 0.0
-            result = original(*args, **kwargs)
-            sync()
-            inner = (self.current[subtract] - before) if subtract else 0.0
-            self.current[phase] += time.perf_counter() - start - inner
+            with torch.profiler.record_function(f"bench:{phase}"):
+                start = mark()
+                result = original(*args, **kwargs)
+                self.pending.append((phase, start, mark()))
             if name == "_generate":
                 self.current["tokens"] = self.current.get("tokens", 0) + sum(len(c) for c in result[1])
                 self.current["prompt_tokens"] = self.current.get("prompt_tokens", 0) + sum(len(p) for p in result[0])
             return result
 
         setattr(owner, name, timed)
+
+    def begin_step(self) -> None:
+        self.current = dict.fromkeys(PHASES, 0.0)
+        self.pending = []
+
+    def end_step(self) -> None:
+        """Add up the step's marks; call after a host sync (every mark has been reached)."""
+        for phase, start, end in self.pending:
+            self.current[phase] += seconds_between(start, end)
+        for phase, inner in self.subtract.items():
+            self.current[phase] -= self.current[inner]
+        self.pending = []
+
+
+def mark():
+    """A point on the GPU's timeline (a recorded CUDA event), or the wall clock on CPU."""
+    if not torch.cuda.is_available():
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def seconds_between(start, end) -> float:
+    return start.elapsed_time(end) / 1000 if torch.cuda.is_available() else end - start
 
 
 def sync():
@@ -157,21 +194,20 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
 
                 self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.profiler.start()
-            sync()
-            clock.current = dict.fromkeys(PHASES, 0.0)
+            sync()  # one sync a step, at its edges: the step's wall time
+            clock.begin_step()
             self.start = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            sync()
-            self.opt_start = time.perf_counter()
+            self.opt_start = mark()
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            sync()
-            clock.current["optimizer"] += time.perf_counter() - self.opt_start
+            clock.pending.append(("optimizer", self.opt_start, mark()))
 
         def on_step_end(self, args, state, control, **kwargs):
             sync()
             clock.current["step"] = time.perf_counter() - self.start
+            clock.end_step()
             cuda = torch.cuda.is_available()
             clock.current["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             clock.current["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
@@ -186,8 +222,30 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
     return StepTimer()
 
 
+TRAINER_RANGES = ("training_step", "_prepare_inputs", "_calculate_rewards", "_get_per_token_logps_and_entropies",
+                  "_compute_loss", "log")
+
+
+def annotate_trainer(trainer) -> None:
+    """Name the trainer's main methods (and the tokenizer's batch_decode) as profiler ranges "trl:<name>", so
+    bench/trace_gaps.py can say which host code the GPU waited for."""
+    def ranged(name, original):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(f"trl:{name}"):
+                return original(*args, **kwargs)
+        return call
+
+    for name in TRAINER_RANGES:
+        if getattr(trainer, name, None) is not None:
+            setattr(trainer, name, ranged(name, getattr(trainer, name)))
+    tokenizer = trainer.processing_class
+    tokenizer.batch_decode = ranged("batch_decode", tokenizer.batch_decode)
+
+
 def write_profile(prof, step_s: float, path: Path) -> float:
-    """Kernel time of the profiled step against its wall time (profiling slows the host side), and the top ops."""
+    """Kernel time of the profiled step against its wall time (profiling slows the host side), the top ops, and
+    the step's Chrome trace beside `path` (trace_<engine>.json.gz) with bench/trace_gaps.py's account of the GPU's
+    idle gaps."""
     averages = prof.key_averages()
     # Kernels only, as torch's table footer counts: an op's (aten::mm) self device time repeats its kernels' time.
     kernel_s = sum(e.self_device_time_total for e in averages
@@ -196,9 +254,20 @@ def write_profile(prof, step_s: float, path: Path) -> float:
             f"({100 * kernel_s / step_s:.0f}% busy at most)\n\n"
             + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n"
             + averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
-    path.write_text(text)
+    gaps = report(analyse(load(write_trace(prof, path.with_name(path.stem.replace("profile", "trace") + ".json")))))
+    print(gaps, flush=True)
+    path.write_text(gaps + "\n" + text)
     print(text[:300], flush=True)
     return kernel_s
+
+
+def write_trace(prof, path: Path) -> str:
+    """The profile as a gzipped Chrome trace (chrome://tracing, ui.perfetto.dev); returns its path."""
+    prof.export_chrome_trace(str(path))
+    with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    path.unlink()
+    return f"{path}.gz"
 
 
 def parse_lengths(spec: str) -> float | None:
@@ -378,6 +447,8 @@ def run_engine(engine: str, cli) -> dict:
             avoid_cudnn_attention()
         if options["freeze_gc"]:
             freeze_gc()
+    if cli.profile_step:
+        annotate_trainer(trainer)
     trainer.train()
     result = summarize(engine, clock.steps, args)
     if options.get("compile"):

@@ -55,3 +55,49 @@ def test_bench_script_runs_its_tiny_mode(script, tmp_path):
         assert [r.split("|")[1].strip() for r in step_table] == ["trl", "fast", "fast-v1"], table
         assert [r.split("|")[1].strip() for r in limits_table] == ["trl", "fast", "fast-v1"], table
         assert (tmp_path / "profile_fast.txt").is_file()
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _op(name, ts, dur, cat="cpu_op", **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
+
+
+def _kernel(ts, dur, correlation, stream=7):
+    return {"ph": "X", "cat": "kernel", "name": "k", "ts": ts, "dur": dur, "pid": 0, "tid": stream,
+            "args": {"correlation": correlation, "stream": stream}}
+
+
+def test_trace_gaps_charges_each_idle_gap_to_the_host_code_around_it():
+    gaps = _bench_module("trace_gaps")
+    events = [
+        _op("bench:scoring", 0, 1000, cat="user_annotation"),
+        _op("trl:_calculate_rewards", 100, 500, cat="user_annotation"),
+        _op("aten::item", 150, 250),                   # waits for kernel 1, then the host scores rewards
+        _op("cudaLaunchKernel", 0, 5, cat="cuda_runtime", correlation=1),
+        _op("cudaLaunchKernel", 650, 5, cat="cuda_runtime", correlation=2),
+        _op("aten::mm", 640, 20),                      # launches kernel 2
+        _op("cudaLaunchKernel", 661, 5, cat="cuda_runtime", correlation=3),
+        _kernel(10, 190, 1),                           # busy 10-200
+        _kernel(700, 100, 2),                          # idle 200-700: the rewards
+        _kernel(790, 50, 3, stream=8),                 # overlaps on another stream: no gap
+        _kernel(845, 10, 3),                           # a 5 µs hole: under the threshold
+    ]
+    result = gaps.analyse(events, min_us=20.0)
+    assert result["gaps"] == 1
+    assert result["busy_s"] == pytest.approx((190 + 140 + 10) / 1e6)
+    assert result["idle_s"] == pytest.approx((855 - 10) / 1e6 - result["busy_s"])
+    assert result["by_phase"] == {"bench:scoring": pytest.approx(500 / 1e6)}
+    waited, launched = "bench:scoring > trl:_calculate_rewards > aten::item", "bench:scoring > aten::mm"
+    assert result["by_pair"] == {(waited, launched): (1, pytest.approx(500 / 1e6))}
+    assert "| bench:scoring | 0.001 |" in gaps.report(result)
+
+
+def test_trace_gaps_reads_an_empty_trace():
+    gaps = _bench_module("trace_gaps")
+    assert gaps.analyse([_op("aten::mm", 0, 5)])["gaps"] == 0
