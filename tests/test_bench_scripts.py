@@ -54,7 +54,8 @@ def test_bench_script_runs_its_tiny_mode(script, tmp_path):
         step_table, limits_table = tables[0], tables[1]  # one row per engine in each
         assert [r.split("|")[1].strip() for r in step_table] == ["trl", "fast", "fast-v1"], table
         assert [r.split("|")[1].strip() for r in limits_table] == ["trl", "fast", "fast-v1"], table
-        assert (tmp_path / "profile_fast.txt").is_file()
+        assert (tmp_path / "profile_fast.txt").read_text().startswith("GPU window")  # trace_gaps.py's account
+        assert (tmp_path / "trace_fast.json.gz").is_file()
 
 
 def _bench_module(name: str):
