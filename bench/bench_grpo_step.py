@@ -32,6 +32,7 @@ measured on the card (H200: 4.3 TB/s copy, 790 TFLOP/s bf16 matmul; H100: 3.0 an
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import os
@@ -56,7 +57,9 @@ ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}}
 FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": False},
                 "fast-cudnn": {"compile": True, "freeze_gc": True, "cudnn_attention": True},
                 "fast-eager": {"compile": False, "freeze_gc": True, "cudnn_attention": False},
-                "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True}}  # as first measured
+                "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True},  # as first measured
+                "fast-gc-off": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # + gc.disable()
+AS_TRAIN_STAGE = ("fast", "fast-gc-off")  # set up by speed_up_training, as the train stage is
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
 CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
@@ -164,6 +167,27 @@ class PhaseClock:
         self.pending = []
 
 
+class GcClock:
+    """Host seconds Python's garbage collector ran (gc.callbacks), per generation, since the last `take()`: a full
+    collection walks every tracked object not frozen by gc.freeze(), and the GPU idles if its queue drains meanwhile."""
+
+    def __init__(self):
+        self.seconds, self.counts, self._start = [0.0, 0.0, 0.0], [0, 0, 0], 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self.counts[info["generation"]] += 1
+
+    def take(self) -> dict:
+        taken = {"gc_s": sum(self.seconds), "gc_full_s": self.seconds[2], "gc_full_n": self.counts[2]}
+        self.seconds, self.counts = [0.0, 0.0, 0.0], [0, 0, 0]
+        return taken
+
+
 def mark():
     """A point on the GPU's timeline (a recorded CUDA event), or the wall clock on CPU."""
     if not torch.cuda.is_available():
@@ -185,10 +209,13 @@ def sync():
 def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path | None = None):
     from transformers import TrainerCallback
 
+    gc_clock = GcClock()
+
     class StepTimer(TrainerCallback):
         profiler = None
 
         def on_step_begin(self, args, state, control, **kwargs):
+            gc_clock.take()
             if state.global_step + 1 == profile_step:
                 from torch.profiler import ProfilerActivity, profile
 
@@ -208,6 +235,7 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
             sync()
             clock.current["step"] = time.perf_counter() - self.start
             clock.end_step()
+            clock.current.update(gc_clock.take())
             cuda = torch.cuda.is_available()
             clock.current["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
             clock.current["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
@@ -397,11 +425,11 @@ def run_engine(engine: str, cli) -> dict:
     from grpo_gsm8k.training.speedups import avoid_cudnn_attention, compile_decoder_layers, freeze_gc, speed_up_training
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    if engine == "fast" and torch.cuda.is_available():  # as the train stage does before loading its model
+    if engine in AS_TRAIN_STAGE and torch.cuda.is_available():  # as the train stage does before loading its model
         from grpo_gsm8k.training.compile_cache import start_compile_workers
 
         start_compile_workers()
-    kernel_loading = watch_kernel_loading() if engine == "fast" and torch.cuda.is_available() else None
+    kernel_loading = watch_kernel_loading() if engine in AS_TRAIN_STAGE and torch.cuda.is_available() else None
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
     scale = parse_lengths(getattr(cli, "lengths", "max"))
     fast = engine in FAST_ENGINES
@@ -438,8 +466,10 @@ def run_engine(engine: str, cli) -> dict:
     clock.wrap(trainer, "compute_loss", "forward")
     clock.wrap(trainer.accelerator, "backward", "backward")
     options = FAST_ENGINES.get(engine, {})
-    if engine == "fast":  # exactly what the train stage does (train.compile: auto)
+    if engine in AS_TRAIN_STAGE:  # exactly what the train stage does (train.compile: auto)
         speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
+        if engine == "fast-gc-off":  # what the garbage collector costs a step (a few steps only: cycles pile up)
+            gc.disable()
     elif fast:  # the same pieces one by one, for attribution
         if options["compile"] and torch.cuda.is_available():
             compile_decoder_layers(trainer.model)
@@ -484,16 +514,18 @@ def summarize(engine: str, steps: list[dict], args) -> dict:
             "tokens_per_step": median("tokens"), "tokens_per_s": median("tokens") / median("step"),
             "prompt_tokens_per_step": median("prompt_tokens"),
             "peak_gib": max(s["peak_gib"] for s in steps), "reserved_gib": max(s["reserved_gib"] for s in steps),
-            **{p: median(p) for p in PHASES},
+            **{p: median(p) for p in PHASES}, "gc_s": median("gc_s"), "gc_full_s": median("gc_full_s"),
             "gradient_checkpointing": bool(args.gradient_checkpointing)}
 
 
 def table(results: list[dict]) -> str:
     head = ("| engine | s/step (median, steps 2+) | completion tok/s | peak GiB | generation | scoring | "
-            "fwd+loss | backward | optimizer | grad ckpt |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "fwd+loss | backward | optimizer | host in gc (full) | grad ckpt |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = [f"| {r['engine']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.1f} | "
             f"{r['generation']:.2f} | {r['scoring']:.2f} | {r['forward']:.2f} | {r['backward']:.2f} | "
-            f"{r['optimizer']:.3f} | {r['gradient_checkpointing']} |" for r in results]
+            f"{r['optimizer']:.3f} | {r['gc_s']:.3f} ({r['gc_full_s']:.3f}) | {r['gradient_checkpointing']} |"
+            for r in results]
     return head + "\n".join(rows) + "\n"
 
 
