@@ -58,8 +58,9 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-cudnn": {"compile": True, "freeze_gc": True, "cudnn_attention": True},
                 "fast-eager": {"compile": False, "freeze_gc": True, "cudnn_attention": False},
                 "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True},  # as first measured
-                "fast-gc-off": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # + gc.disable()
-AS_TRAIN_STAGE = ("fast", "fast-gc-off")  # set up by speed_up_training, as the train stage is
+                "fast-gc-off": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # + gc.disable()
+                "fast-gc-once": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # no re-freeze a step
+AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once")  # set up by speed_up_training, as the train stage is
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
 CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
@@ -207,22 +208,26 @@ def sync():
 
 
 def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path | None = None):
+    """A TrainerCallback timing each optimizer step from its on_step_begin to the next one's (or to the end of
+    training), so what runs after on_step_end (the other callbacks, TRL's logging) counts in its step too. Add it
+    last (trainer.add_callback), after every callback whose work should be timed."""
     from transformers import TrainerCallback
 
     gc_clock = GcClock()
 
     class StepTimer(TrainerCallback):
         profiler = None
+        start = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            gc_clock.take()
+            self.close_step(state.global_step)
             if state.global_step + 1 == profile_step:
                 from torch.profiler import ProfilerActivity, profile
 
                 self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
                 self.profiler.start()
-            sync()  # one sync a step, at its edges: the step's wall time
             clock.begin_step()
+            gc_clock.take()
             self.start = time.perf_counter()
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -231,9 +236,15 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
         def on_optimizer_step(self, args, state, control, **kwargs):
             clock.pending.append(("optimizer", self.opt_start, mark()))
 
-        def on_step_end(self, args, state, control, **kwargs):
-            sync()
+        def on_train_end(self, args, state, control, **kwargs):
+            self.close_step(state.global_step)
+
+        def close_step(self, step: int) -> None:
+            if self.start is None:
+                return
+            sync()  # one sync a step, at its edges: the step's wall time
             clock.current["step"] = time.perf_counter() - self.start
+            self.start = None
             clock.end_step()
             clock.current.update(gc_clock.take())
             cuda = torch.cuda.is_available()
@@ -244,8 +255,7 @@ def make_callback(clock: PhaseClock, profile_step: int = 0, profile_path: Path |
                 self.profiler.stop()
                 clock.current["gpu_kernel_s"] = write_profile(self.profiler, clock.current["step"], profile_path)
                 self.profiler = None
-            print(f"step {state.global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in clock.current.items()),
-                  flush=True)
+            print(f"step {step}: " + " ".join(f"{k}={v:.2f}" for k, v in clock.current.items()), flush=True)
 
     return StepTimer()
 
@@ -422,7 +432,8 @@ def run_engine(engine: str, cli) -> dict:
 
     from grpo_gsm8k.training.speedups import fast_training_overrides
     from grpo_gsm8k.fastgen.rollout import make_rollout_func
-    from grpo_gsm8k.training.speedups import avoid_cudnn_attention, compile_decoder_layers, freeze_gc, speed_up_training
+    from grpo_gsm8k.training.speedups import (FreezeGcEachStep, avoid_cudnn_attention, compile_decoder_layers, freeze_gc,
+                                              speed_up_training)
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if engine in AS_TRAIN_STAGE and torch.cuda.is_available():  # as the train stage does before loading its model
@@ -457,7 +468,6 @@ def run_engine(engine: str, cli) -> dict:
     clock = PhaseClock()
     trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[correct], args=args,
                           train_dataset=dataset,
-                          callbacks=[make_callback(clock, cli.profile_step, Path(cli.out) / f"profile_{engine}.txt")],
                           rollout_func=make_rollout_func(vocab_size=len(tokenizer)) if fast else None,
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=cli.lora_dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -470,6 +480,8 @@ def run_engine(engine: str, cli) -> dict:
         speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
         if engine == "fast-gc-off":  # what the garbage collector costs a step (a few steps only: cycles pile up)
             gc.disable()
+        if engine == "fast-gc-once":  # frozen before training only, as before FreezeGcEachStep
+            trainer.remove_callback(FreezeGcEachStep)
     elif fast:  # the same pieces one by one, for attribution
         if options["compile"] and torch.cuda.is_available():
             compile_decoder_layers(trainer.model)
@@ -479,6 +491,7 @@ def run_engine(engine: str, cli) -> dict:
             freeze_gc()
     if cli.profile_step:
         annotate_trainer(trainer)
+    trainer.add_callback(make_callback(clock, cli.profile_step, Path(cli.out) / f"profile_{engine}.txt"))
     trainer.train()
     result = summarize(engine, clock.steps, args)
     if options.get("compile"):

@@ -277,12 +277,39 @@ def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatc
                                                             for inputs in scalar_inputs]
 
 
+def test_each_step_end_collects_the_garbage_and_freezes_the_survivors():
+    """What a step leaves alive (torch.compile's graphs and guards, after the first) leaves the collector's view,
+    so later full collections do not walk it mid-step; a reference cycle the step dropped is freed first."""
+    import gc
+    import weakref
+
+    from grpo_gsm8k.training.speedups import FreezeGcEachStep
+
+    class Node:
+        pass
+
+    gc.unfreeze()
+    try:
+        frozen_before = gc.get_freeze_count()
+        survivors = [Node() for _ in range(1000)]
+        dropped = Node()
+        dropped.self = dropped  # a cycle: only the collector frees it
+        dropped_ref = weakref.ref(dropped)
+        del dropped
+        FreezeGcEachStep().on_step_end(None, None, None)
+        assert dropped_ref() is None
+        assert gc.get_freeze_count() >= frozen_before + len(survivors)
+        assert not any(o is survivors[0] for o in gc.get_objects())  # frozen: out of the collector's view
+    finally:
+        gc.unfreeze()
+
+
 def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     """beta > 0: TRL's no-grad reference forward takes the whole generation batch at once (same log-probs as its
     chunks); training forwards keep per_device_train_batch_size."""
     import gc
 
-    from grpo_gsm8k.training.speedups import speed_up_training
+    from grpo_gsm8k.training.speedups import FreezeGcEachStep, speed_up_training
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     tokenizer = tiny_tokenizer()
@@ -299,6 +326,7 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     monkeypatch.setattr("trl.trainer.utils._use_triton", trl_projects_only_scored_on)  # speed_up_training patches it
     assert speed_up_training(trainer) == {"compiled_layers": 0, "compile_cache": "", "cudnn_attention_off": False,
                                           "lm_head_scored_positions_only": True, "gc_frozen": True}
+    assert any(isinstance(c, FreezeGcEachStep) for c in trainer.callback_handler.callbacks)
     gc.unfreeze()
     trainer.train()
     assert (False, 8, 8) in calls  # the reference forward: 4 per device x 2 accumulation, at once

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 
 import torch
+from transformers import TrainerCallback
 
 from grpo_gsm8k.modeling import unwrap_causal_lm
 from grpo_gsm8k.training.compile_cache import use_persistent_cache
@@ -92,6 +93,7 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None) -> dict:
     score_in_one_forward(trainer)
     project_only_scored_positions()
     freeze_gc()
+    trainer.add_callback(FreezeGcEachStep())
     return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
             "lm_head_scored_positions_only": True, "gc_frozen": True}
 
@@ -142,3 +144,15 @@ def freeze_gc() -> None:
     Python starts one whenever enough new objects survived. Frozen objects are never walked again."""
     gc.collect()
     gc.freeze()
+
+
+class FreezeGcEachStep(TrainerCallback):
+    """freeze_gc() again after every optimizer step: collect that step's garbage, freeze what survived.
+
+    freeze_gc() before training cannot see what the first step creates: torch.compile's graphs, guards and symbolic
+    shapes, hundreds of thousands of long-lived objects. Left in view, they were walked by every full collection
+    Python started later, in the middle of a step, with the GPU's queue running dry. Frozen at each step's end,
+    the collector only ever walks the objects of one step, so this collection and the automatic ones stay short."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        freeze_gc()
