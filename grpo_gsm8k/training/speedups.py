@@ -1,6 +1,6 @@
 """Training-side speed-ups of the train stage, with either generation engine: GRPOConfig overrides, regional
 torch.compile of the decoder layers, no cuDNN attention, one-batch no-grad scoring, LM-head projection of the
-scored positions only, and a frozen garbage collector.
+scored positions only, and a garbage collector frozen before training and again after every step.
 
     trainer = GRPOTrainer(..., args=GRPOConfig(..., **fast_training_overrides()))
     speed_up_training(trainer)
@@ -152,7 +152,9 @@ class FreezeGcEachStep(TrainerCallback):
     freeze_gc() before training cannot see what the first step creates: torch.compile's graphs, guards and symbolic
     shapes, hundreds of thousands of long-lived objects. Left in view, they were walked by every full collection
     Python started later, in the middle of a step, with the GPU's queue running dry. Frozen at each step's end,
-    the collector only ever walks the objects of one step, so this collection and the automatic ones stay short."""
+    the collector only ever walks the objects of one step, so this collection and the automatic ones stay short.
+    The price: a reference cycle that turns to garbage after it was frozen is never freed. What survives a step
+    (compiled code, the trainer's logs) is meant to live; reference counting still frees everything acyclic."""
 
     def on_step_end(self, args, state, control, **kwargs):
         freeze_gc()
