@@ -150,11 +150,13 @@ class FreezeGcEachStep(TrainerCallback):
     """freeze_gc() again after every optimizer step: collect that step's garbage, freeze what survived.
 
     freeze_gc() before training cannot see what the first step creates: torch.compile's graphs, guards and symbolic
-    shapes, hundreds of thousands of long-lived objects. Left in view, they were walked by every full collection
-    Python started later, in the middle of a step, with the GPU's queue running dry. Frozen at each step's end,
-    the collector only ever walks the objects of one step, so this collection and the automatic ones stay short.
-    The price: a reference cycle that turns to garbage after it was frozen is never freed. What survives a step
-    (compiled code, the trainer's logs) is meant to live; reference counting still frees everything acyclic."""
+    shapes (56,605 objects for a two-layer model compiled on CPU). Left in view, they are walked by every full
+    collection Python starts later, mid-step, while the GPU's queue may run dry: 0.04 s once in five steps on an
+    H100 without this callback, none with it, at under 1 ms for its own collection a step. Steady steps were the
+    same within noise (2.82 against 2.84 s, bench/RESULTS.md); a full collection's cost grows with every object a
+    run keeps in view, which is what this bounds. The price: a reference cycle that turns to garbage after it was
+    frozen is never freed; what survives a step (compiled code, the trainer's logs) is meant to live, and
+    reference counting still frees everything acyclic."""
 
     def on_step_end(self, args, state, control, **kwargs):
         freeze_gc()
