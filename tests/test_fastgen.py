@@ -279,7 +279,8 @@ def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatc
 
 def test_each_step_end_collects_the_garbage_and_freezes_the_survivors():
     """What a step leaves alive (torch.compile's graphs and guards, after the first) leaves the collector's view,
-    so later full collections do not walk it mid-step; a reference cycle the step dropped is freed first."""
+    so later full collections do not walk it mid-step; a reference cycle the step dropped is freed first; the end
+    of training gives everything back to the collector."""
     import gc
     import weakref
 
@@ -296,10 +297,13 @@ def test_each_step_end_collects_the_garbage_and_freezes_the_survivors():
         dropped.self = dropped  # a cycle: only the collector frees it
         dropped_ref = weakref.ref(dropped)
         del dropped
-        FreezeGcEachStep().on_step_end(None, None, None)
+        callback = FreezeGcEachStep()
+        callback.on_step_end(None, None, None)
         assert dropped_ref() is None
         assert gc.get_freeze_count() >= frozen_before + len(survivors)
         assert not any(o is survivors[0] for o in gc.get_objects())  # frozen: out of the collector's view
+        callback.on_train_end(None, None, None)
+        assert gc.get_freeze_count() == 0  # handed back: the process can free the trainer's cycles later
     finally:
         gc.unfreeze()
 

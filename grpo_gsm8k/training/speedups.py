@@ -155,8 +155,12 @@ class FreezeGcEachStep(TrainerCallback):
     H100 without this callback, none with it, at under 1 ms for its own collection a step. Steady steps were the
     same within noise (2.82 against 2.84 s, bench/RESULTS.md); a full collection's cost grows with every object a
     run keeps in view, which is what this bounds. The price: a reference cycle that turns to garbage after it was
-    frozen is never freed; what survives a step (compiled code, the trainer's logs) is meant to live, and
-    reference counting still frees everything acyclic."""
+    frozen is never freed during training; what survives a step (compiled code, the trainer's logs) is meant to
+    live, and reference counting still frees everything acyclic. When training ends, everything frozen is handed
+    back to the collector, so a process that goes on (tests, a notebook) can free the trainer and model."""
 
     def on_step_end(self, args, state, control, **kwargs):
         freeze_gc()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.unfreeze()
