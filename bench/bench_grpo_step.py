@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.trace_gaps import analyse, load, report  # noqa: E402 (needs ROOT on the path when run as a script)
+
 SYSTEM = "Solve the math problem. Put the final answer after ####."
 ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}}
 # "fast" is what the train stage runs (speed_up_training: regional torch.compile of the decoder layers on a GPU,
@@ -61,7 +62,8 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-gc-off": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # + gc.disable()
                 "fast-gc-once": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # no re-freeze a step
                 "fast-no-nan-check": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # see run_engine
-AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once", "fast-no-nan-check")  # set up by speed_up_training, as the train stage is
+# set up by speed_up_training, as the train stage is; the last three change one thing after it
+AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once", "fast-no-nan-check")
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
 CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
