@@ -7,7 +7,11 @@ hole in that union longer than --min-us is an idle gap. A gap is charged to the 
 the CPU op that was waiting when the GPU ran dry (a `.item()`, `.tolist()` or D2H copy returns when the queue
 drains, so the op that syncs is the one open at the gap's start) and the one that launched the work ending it.
 Ops are named by their stack of profiler ranges: the bench's `bench:<phase>` and `trl:<method>` ranges and
-torch's outermost `aten::` op. Prints idle time by phase, then the largest (wait -> launch) pairs.
+torch's outermost `aten::` op, on the thread holding the most ranges (the training loop; autograd's backward
+thread holds fewer). Prints idle time by phase, then the largest (wait -> launch) pairs.
+
+The profiler slows the host, so the gaps bound an unprofiled step's from above: on an H100 the profiled step idled
+0.9 s, the unprofiled steps about 0.2 s (bench/RESULTS.md, fifth session). Read them for where, not how much.
 """
 from __future__ import annotations
 
