@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import trace_gaps as gaps
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
     "bench_grpo_step": ["--tiny", "--steps", "2", "--engine", "trl,fast,fast-v1", "--max-completion", "8",
@@ -58,13 +60,6 @@ def test_bench_script_runs_its_tiny_mode(script, tmp_path):
         assert (tmp_path / "trace_fast.json.gz").is_file()
 
 
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _op(name, ts, dur, cat="cpu_op", **args):
     return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
 
@@ -75,7 +70,6 @@ def _kernel(ts, dur, correlation, stream=7):
 
 
 def test_trace_gaps_charges_each_idle_gap_to_the_host_code_around_it():
-    gaps = _bench_module("trace_gaps")
     events = [
         _op("bench:scoring", 0, 1000, cat="user_annotation"),
         _op("trl:_calculate_rewards", 100, 500, cat="user_annotation"),
@@ -100,5 +94,4 @@ def test_trace_gaps_charges_each_idle_gap_to_the_host_code_around_it():
 
 
 def test_trace_gaps_reads_an_empty_trace():
-    gaps = _bench_module("trace_gaps")
     assert gaps.analyse([_op("aten::mm", 0, 5)])["gaps"] == 0
