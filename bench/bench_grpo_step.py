@@ -487,6 +487,7 @@ def run_engine(engine: str, cli) -> dict:
             gc.disable()
         if engine == "fast-gc-once":  # frozen before training only, as before FreezeGcEachStep
             trainer.remove_callback(FreezeGcEachStep)
+            freeze_gc()
     elif fast:  # the same pieces one by one, for attribution
         if options["compile"] and torch.cuda.is_available():
             compile_decoder_layers(trainer.model)

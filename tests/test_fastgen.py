@@ -278,9 +278,9 @@ def test_compiled_decoder_layers_take_no_python_float_as_a_cpu_tensor(monkeypatc
 
 
 def test_each_step_end_collects_the_garbage_and_freezes_the_survivors():
-    """What a step leaves alive (torch.compile's graphs and guards, after the first) leaves the collector's view,
-    so later full collections do not walk it mid-step; a reference cycle the step dropped is freed first; the end
-    of training gives everything back to the collector."""
+    """Frozen when training begins; what a step leaves alive (torch.compile's graphs and guards, after the first)
+    leaves the collector's view, so later full collections do not walk it mid-step; a reference cycle the step
+    dropped is freed first; the end of training gives everything back to the collector."""
     import gc
     import weakref
 
@@ -291,13 +291,15 @@ def test_each_step_end_collects_the_garbage_and_freezes_the_survivors():
 
     gc.unfreeze()
     try:
+        callback = FreezeGcEachStep()
+        callback.on_train_begin(None, None, None)
         frozen_before = gc.get_freeze_count()
+        assert frozen_before > 0  # the model, trainer and libraries, frozen when training begins
         survivors = [Node() for _ in range(1000)]
         dropped = Node()
         dropped.self = dropped  # a cycle: only the collector frees it
         dropped_ref = weakref.ref(dropped)
         del dropped
-        callback = FreezeGcEachStep()
         callback.on_step_end(None, None, None)
         assert dropped_ref() is None
         assert gc.get_freeze_count() >= frozen_before + len(survivors)
