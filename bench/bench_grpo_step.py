@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.trace_gaps import analyse, load, report  # noqa: E402 (needs ROOT on the path when run as a script)
+from bench.trace_kernels import kernel_time, report as kernel_report  # noqa: E402
 
 SYSTEM = "Solve the math problem. Put the final answer after ####."
 ENGINES = {"trl": {}, "trl-static": {"cache_implementation": "static"}}
@@ -61,9 +62,10 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-v1": {"compile": False, "freeze_gc": False, "cudnn_attention": True},  # as first measured
                 "fast-gc-off": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # + gc.disable()
                 "fast-gc-once": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # no re-freeze a step
-                "fast-no-nan-check": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # see run_engine
-# set up by speed_up_training, as the train stage is; the last three change one thing after it
-AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once", "fast-no-nan-check")
+                "fast-no-nan-check": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # see run_engine
+                "fast-masked-attention": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # HF's mask
+# set up by speed_up_training, as the train stage is; the others change one thing in it
+AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once", "fast-no-nan-check", "fast-masked-attention")
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
 CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
@@ -286,7 +288,7 @@ def annotate_trainer(trainer) -> None:
 def write_profile(prof, step_s: float, path: Path) -> float:
     """Kernel time of the profiled step against its wall time (profiling slows the host side), the top ops, and
     the step's Chrome trace beside `path` (trace_<engine>.json.gz) with bench/trace_gaps.py's account of the GPU's
-    idle gaps."""
+    idle gaps and bench/trace_kernels.py's of its busy time."""
     averages = prof.key_averages()
     # Kernels only, as torch's table footer counts: an op's (aten::mm) self device time repeats its kernels' time.
     kernel_s = sum(e.self_device_time_total for e in averages
@@ -295,7 +297,8 @@ def write_profile(prof, step_s: float, path: Path) -> float:
             f"({100 * kernel_s / step_s:.0f}% busy at most)\n\n"
             + averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n"
             + averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
-    gaps = report(analyse(load(write_trace(prof, path.with_name(path.stem.replace("profile", "trace") + ".json")))))
+    events = load(write_trace(prof, path.with_name(path.stem.replace("profile", "trace") + ".json")))
+    gaps = report(analyse(events)) + "\n" + kernel_report(kernel_time(events))
     print(gaps, flush=True)
     path.write_text(gaps + "\n" + text)
     print(text[:300], flush=True)
@@ -482,7 +485,8 @@ def run_engine(engine: str, cli) -> dict:
     clock.wrap(trainer.accelerator, "backward", "backward")
     options = FAST_ENGINES.get(engine, {})
     if engine in AS_TRAIN_STAGE:  # exactly what the train stage does (train.compile: auto)
-        speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None)
+        speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None,
+                          packed_attention=engine != "fast-masked-attention")
         if engine == "fast-gc-off":  # what the garbage collector costs a step (a few steps only: cycles pile up)
             gc.disable()
         if engine == "fast-gc-once":  # frozen before training only, as before FreezeGcEachStep
@@ -580,7 +584,7 @@ def device_line() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--engine", default="both",
-                        help="trl | trl-static | fast | fast-cudnn | fast-eager | fast-v1 | both (= trl,fast) | a,b,c")
+                        help=f"trl | trl-static | {' | '.join(FAST_ENGINES)} | both (= trl,fast) | a,b,c")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--trl-steps", type=int, default=None, help="steps for the TRL engines (default: --steps)")
     parser.add_argument("--per-device", type=int, default=6)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import trace_gaps as gaps
+from bench import trace_kernels as kernels
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -95,3 +96,45 @@ def test_trace_gaps_charges_each_idle_gap_to_the_host_code_around_it():
 
 def test_trace_gaps_reads_an_empty_trace():
     assert gaps.analyse([_op("aten::mm", 0, 5)])["gaps"] == 0
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_sm90_tst_128x24_64x11_2x1_v_bz_TNT", "GEMM"),  # cuBLAS on Hopper
+    ("void cublasLt::splitKreduce_kernel<32, 16, int, float>", "GEMM"),  # the reduction of a split-K GEMM
+    ("fmha_cutlassB_bf16_aligned_128x128_k128_sm80(PyTorchMemEffAttention::AttentionBackwardKernel)", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>", "attention"),
+    ("_split_kernel", "attention"),  # fastgen's split-K decode attention
+    ("triton_poi_fused__scaled_dot_product_efficient_attention__unsafe_view_add", "Inductor fused"),  # not attention
+    ("triton_red_fused__to_copy_add_mean_mul_native_dropout_pow_rsqrt_0", "Inductor fused"),
+    ("_add_rmsnorm_kernel", "fastgen fused"),
+    ("Memcpy DtoD (Device -> Device)", "copy/memset"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_trace_kernels_sorts_kernels_into_kinds(name, kind):
+    assert kernels.kind_of(name) == kind
+
+
+def test_trace_kernels_splits_busy_time_by_phase_as_the_gpu_saw_it():
+    def kernel(name, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        _op("bench:scoring", 100, 900, cat="gpu_user_annotation"),  # the rollout and the reference forward
+        _op("bench:generation", 100, 500, cat="gpu_user_annotation"),
+        _op("bench:generation", 50, 1, cat="gpu_user_annotation"),  # a zero-length marker: the longest one counts
+        kernel("triton_poi_fused_add_0", 0, 20),  # before the rollout: the previous step's tail, not counted
+        kernel("nvjet_decode", 150, 300),
+        kernel("_split_kernel", 460, 40),
+        kernel("nvjet_reference", 700, 200),
+        kernel("fmha_cutlassB", 1100, 60),
+        kernel("nvjet_backward", 1200, 100),
+        kernel("nvjet_backward", 1400, 100),
+    ]
+    result = kernels.kernel_time(events)
+    assert list(result) == ["generation", "scoring", "training"]
+    assert result["generation"]["by_kind"] == {"GEMM": pytest.approx(300e-6), "attention": pytest.approx(40e-6)}
+    assert result["scoring"]["total"] == pytest.approx(200e-6)
+    assert result["training"]["calls"] == 3
+    assert result["training"]["top"][0] == ("nvjet_backward", 2, pytest.approx(200e-6))
+    table = kernels.report(result)
+    assert "| training | 0.000 | 3 |" in table and "| nvjet_backward | 2 | 0.0002 | 100.0 |" in table

@@ -331,7 +331,8 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     trainer._get_per_token_logps_and_entropies = spy
     monkeypatch.setattr("trl.trainer.utils._use_triton", trl_projects_only_scored_on)  # speed_up_training patches it
     assert speed_up_training(trainer) == {"compiled_layers": 0, "compile_cache": "", "cudnn_attention_off": False,
-                                          "lm_head_scored_positions_only": True, "gc_frozen": True}
+                                          "packed_causal_attention": True, "lm_head_scored_positions_only": True,
+                                          "gc_frozen": True}
     assert any(isinstance(c, FreezeGcEachStep) for c in trainer.callback_handler.callbacks)
     gc.unfreeze()
     trainer.train()

@@ -3,8 +3,8 @@
 On a random 4-layer Llama with the 8B model's head layout (head_dim 128, 4 query heads per KV head) and a random
 LoRA r=16 on every linear layer: the log-probs the CUDA-graph generator reports match TRL's training forward on the
 same completions, and the per-token log-probs, GRPO loss and LoRA gradients of our training configuration (as the
-train stage sets it up: compiled decoder layers, no cuDNN attention, one-batch scoring) match plain TRL's (eager,
-gradient checkpointing on) - relative error <= 1e-2 in bf16 for each.
+train stage sets it up: compiled decoder layers, no cuDNN attention, packed causal attention, one-batch scoring)
+match plain TRL's (eager, masked attention, gradient checkpointing on) - relative error <= 1e-2 in bf16 for each.
 """
 from __future__ import annotations
 

@@ -1,0 +1,90 @@
+"""Causal attention over padded GRPO batches without a padding mask, so SDPA can take its flash kernel.
+
+A GRPO training or scoring forward sees rows laid out `[left pads][prompt][completion][right pads]`. HF builds a
+(B, 1, L, L) boolean mask for them, and SDPA with a mask cannot use its flash kernel: on an H100 it ran the
+memory-efficient kernels, every key block computed, 0.13 s of an optimizer step at the study's shape
+(bench/RESULTS.md, read by bench/trace_kernels.py). With the real tokens of each row moved, in order, to the front,
+"causal over the real tokens" is plain `is_causal=True`, which SDPA runs on flash, skipping the blocks above the
+diagonal:
+
+    original  [p p a b c d x x]   query c sees keys {a, b, c}: causal, and not a pad
+    packed    [a b c d p p x x]   query c sees keys {a, b, c}: causal, nothing else needed
+
+The query, key and value rows are permuted after RoPE, so every token keeps its own position; the output goes back
+to the original order. Each real query attends exactly the keys it attended before, so the result is the same up
+to the kernels' rounding. Pad queries (moved to the back) see real keys too; their outputs are finite and unused:
+no real query sees a pad key, and the loss masks pad positions, so their gradient is zero.
+
+    use_packed_causal_attention(model)  # on the HF causal LM, before training
+
+Everything else (a KV cache in `generate`, offsets, custom mask functions, eager attention) goes through HF's
+own SDPA mask and attention unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "sdpa_packed_causal"
+
+
+def packing_order(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 padding mask -> (2, B, L) int64: [0] the order that puts each row's real tokens first (in their
+    order), then its pads; [1] the inverse order, which puts them back."""
+    order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+    return torch.stack([order, torch.argsort(order, dim=1)])
+
+
+def _is_packing_order(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.ndim == 3
+
+
+def packed_causal_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **kwargs):
+    """HF mask interface: the packing order for a full causal forward over a padded batch, else HF's SDPA mask."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    full_causal_forward = (mask_function is causal_mask_function and attention_mask is not None
+                           and attention_mask.ndim == 2 and q_length == kv_length == attention_mask.shape[1]
+                           and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0)
+    if full_causal_forward:
+        return packing_order(attention_mask)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
+
+
+def _along_sequence(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D) with its L rows reordered by index (B, L)."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
+
+
+def packed_causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                            **kwargs):
+    """HF attention interface: query (B, Nq, L, D), key/value (B, Nkv, L, D) -> ((B, L, Nq, D), None)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not _is_packing_order(attention_mask):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    order, inverse = attention_mask[0], attention_mask[1]
+    out = F.scaled_dot_product_attention(
+        _along_sequence(query, order), _along_sequence(key, order), _along_sequence(value, order),
+        dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    return _along_sequence(out, inverse).transpose(1, 2).contiguous(), None
+
+
+def use_packed_causal_attention(model) -> bool:
+    """Switch an HF causal LM (or a peft wrapper of one) on SDPA to this attention; True if it was switched.
+    Models on another implementation (eager, flash-attn, flex) are left as they are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from grpo_gsm8k.modeling import unwrap_causal_lm
+
+    causal_lm = unwrap_causal_lm(model)
+    if causal_lm.config._attn_implementation not in ("sdpa", NAME):
+        return False
+    AttentionInterface.register(NAME, packed_causal_attention)
+    AttentionMaskInterface.register(NAME, packed_causal_mask)
+    causal_lm.set_attn_implementation(NAME)
+    return True
