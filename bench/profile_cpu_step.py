@@ -66,6 +66,8 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--masked-attention", action="store_true",
+                        help="HF's masked SDPA instead of the packed causal attention (an A/B)")
     args = parser.parse_args()
     params = load_params(args.params)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.steps,
@@ -75,7 +77,8 @@ def main() -> None:
     seconds, peaks = defaultdict(float), defaultdict(int)
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(params, args.model, args.data, Path(out), callbacks=[])
-        speed_up_training(trainer, compile_layers=None if params.train.compile == "auto" else params.train.compile)
+        speed_up_training(trainer, compile_layers=None if params.train.compile == "auto" else params.train.compile,
+                          packed_attention=not args.masked_attention)
         print(f"loaded: rss {sampler.reset() / GIB:.2f} GiB")
         # TRL 1.16: _generate = rollouts; _generate_and_score_completions also scores (old logps, rewards).
         for name in ("_generate", "_generate_and_score_completions", "_compute_loss"):
