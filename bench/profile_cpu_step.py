@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--masked-attention", action="store_true",
                         help="HF's masked SDPA instead of the packed causal attention (an A/B)")
+    parser.add_argument("--untrimmed", action="store_true", help="TRL's padded layout in log-prob forwards (an A/B)")
     args = parser.parse_args()
     params = load_params(args.params)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.steps,
@@ -78,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         trainer = build_trainer(params, args.model, args.data, Path(out), callbacks=[])
         speed_up_training(trainer, compile_layers=None if params.train.compile == "auto" else params.train.compile,
-                          packed_attention=not args.masked_attention)
+                          packed_attention=not args.masked_attention, trimmed=not args.untrimmed)
         print(f"loaded: rss {sampler.reset() / GIB:.2f} GiB")
         # TRL 1.16: _generate = rollouts; _generate_and_score_completions also scores (old logps, rewards).
         for name in ("_generate", "_generate_and_score_completions", "_compute_loss"):

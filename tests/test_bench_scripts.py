@@ -20,6 +20,7 @@ SCRIPTS = {
     "bench_multi_gpu": ["--tiny", "--cpu", "--gpus", "1,2", "--steps", "2", "--max-completion", "8"],
     "bench_eval_generation": ["--tiny", "--batch", "10", "--chunks", "2", "--max-new", "8"],
     "bench_decode_attention": ["--tiny"],
+    "padding_tokens": ["--tiny"],
 }
 
 

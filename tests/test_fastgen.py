@@ -322,29 +322,32 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     model = with_lora(tiny_model(vocab_size=len(tokenizer), eos=tokenizer.eos_token_id)).train()
     trainer = _trainer(model, tokenizer, make_rollout_func(), [], beta=0.04)
     calls = []
-    chunked = trainer._get_per_token_logps_and_entropies  # TRL's own, bound before the wrapper goes in
+    chunked = trainer._get_per_token_logps_and_entropies  # TRL's own, bound before the wrappers go in
+    forward = model.forward
 
-    def spy(model, input_ids, attention_mask, logits_to_keep, batch_size=None, **kwargs):
-        calls.append((torch.is_grad_enabled(), input_ids.size(0), batch_size))
-        return chunked(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, **kwargs)
+    def spy(*args, **kwargs):  # each forward the log-prob function runs: (grad enabled, rows)
+        calls.append((torch.is_grad_enabled(), kwargs["input_ids"].size(0)))
+        return forward(*args, **kwargs)
 
-    trainer._get_per_token_logps_and_entropies = spy
+    model.forward = spy
     monkeypatch.setattr("trl.trainer.utils._use_triton", trl_projects_only_scored_on)  # speed_up_training patches it
     assert speed_up_training(trainer) == {"compiled_layers": 0, "compile_cache": "", "cudnn_attention_off": False,
-                                          "packed_causal_attention": True, "lm_head_scored_positions_only": True,
+                                          "packed_causal_attention": True, "trimmed_padding": True,
+                                          "lm_head_scored_positions_only": True,
                                           "gc_frozen": True}
     assert any(isinstance(c, FreezeGcEachStep) for c in trainer.callback_handler.callbacks)
     gc.unfreeze()
     trainer.train()
-    assert (False, 8, 8) in calls  # the reference forward: 4 per device x 2 accumulation, at once
-    assert {(rows, batch) for grad, rows, batch in calls if grad} == {(4, None)}  # micro-batches, untouched
+    assert (False, 8) in calls  # the reference forward: 4 per device x 2 accumulation, at once
+    assert {rows for grad, rows in calls if grad} == {4}  # micro-batches, untouched
     ids = torch.randint(3, len(tokenizer), (8, 12))
     mask = torch.ones_like(ids)
     mask[:3, :4] = 0
     with torch.no_grad():
+        calls.clear()
         whole = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 5, batch_size=4)[0]
+        assert calls == [(False, 8)]
         in_chunks = chunked(trainer.model, ids, mask, 5, batch_size=4)[0]
-    assert calls[-1] == (False, 8, 8)
     torch.testing.assert_close(whole, in_chunks, rtol=1e-5, atol=1e-6)
 
 

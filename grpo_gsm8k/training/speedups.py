@@ -1,6 +1,7 @@
 """Training-side speed-ups of the train stage, with either generation engine: GRPOConfig overrides, regional
 torch.compile of the decoder layers, no cuDNN attention, causal attention without a padding mask
-(training/packed_attention.py), one-batch no-grad scoring, LM-head projection of the scored positions only, and a
+(training/packed_attention.py), log-prob forwards cut to each chunk's real tokens (training/trimmed_logps.py),
+one-batch no-grad scoring, LM-head projection of the scored positions only, and a
 garbage collector frozen before training and again after every step.
 
     trainer = GRPOTrainer(..., args=GRPOConfig(..., **fast_training_overrides()))
@@ -17,6 +18,7 @@ from transformers import TrainerCallback
 from grpo_gsm8k.modeling import unwrap_causal_lm
 from grpo_gsm8k.training.compile_cache import use_persistent_cache
 from grpo_gsm8k.training.packed_attention import use_packed_causal_attention
+from grpo_gsm8k.training.trimmed_logps import trim_padding
 
 DEFAULT_MIN_GIB_WITHOUT_CHECKPOINTING = 60.0  # an 8B LoRA step of 24 x ~400 tokens peaks near 36 GiB without it
 
@@ -77,7 +79,8 @@ def will_compile(choice: bool | None, cuda: bool) -> bool:
     return cuda if choice is None else choice
 
 
-def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_attention: bool = True) -> dict:
+def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_attention: bool = True,
+                      trimmed: bool = True) -> dict:
     """The training-side settings of the fast path, applied to a GRPOTrainer just before `trainer.train()`.
     Returns what was done.
 
@@ -85,7 +88,7 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
     On an H100 at the study's shape these took forward + backward from ~1.1 s to ~0.7 s per optimizer step and
     removed the 6-9 s stalls seen in some steps (bench/RESULTS.md). What is compiled, and fastgen's Triton kernels,
     go to a cache that later runs and resumes read back (training/compile_cache.py). `packed_attention` False keeps
-    HF's masked SDPA (the bench's A/B)."""
+    HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs)."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
     compile_layers = will_compile(compile_layers, cuda)
@@ -94,11 +97,14 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
         avoid_cudnn_attention()
     packed = use_packed_causal_attention(model) if packed_attention else False
     compiled = compile_decoder_layers(model) if compile_layers else 0
+    if trimmed:
+        trim_padding(trainer)
     score_in_one_forward(trainer)
     project_only_scored_positions()
     trainer.add_callback(FreezeGcEachStep())
     return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
-            "packed_causal_attention": packed, "lm_head_scored_positions_only": True, "gc_frozen": True}
+            "packed_causal_attention": packed, "trimmed_padding": trimmed, "lm_head_scored_positions_only": True,
+            "gc_frozen": True}
 
 
 def project_only_scored_positions() -> None:

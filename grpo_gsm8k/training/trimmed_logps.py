@@ -1,0 +1,81 @@
+"""TRL's per-token log-probs with each chunk's padding cut away before the model runs.
+
+TRL 1.16 scores a GRPO batch as it was padded: every prompt left-padded to the longest prompt of the generation
+batch, every completion right-padded to the longest completion, so a training forward of 6 rows runs all of them at
+the longest of 24. Each pad position costs the same GEMM work as a real token. `trim_padding(trainer)` makes
+`_get_per_token_logps_and_entropies` move each row's real tokens, in order, to the front (positions kept through
+`position_ids`), cut the chunk to its longest row, run TRL's fused LM head there and put the log-probs (and
+entropies) back where TRL's own layout has them:
+
+    TRL       [p p a b c d x x]  width 8      trimmed  [a b c d]  width 4 (the chunk's longest row)
+              [e f g h i j k p]                        [e f g h i j k]  -> width 7 for this chunk
+
+The same tokens at the same positions attend the same tokens (causal, pads masked), and each label is scored from
+the hidden state of the token before it, as in TRL's layout; positions TRL leaves at 0 stay 0. Rows whose real
+tokens are not one contiguous span (never in GRPO), vision inputs and MoE aux losses take TRL's own function.
+On H200 rows at realistic lengths, TRL's layout ran the training half at 27% of peak (bench/RESULTS.md, 2026-12-02):
+most of the gap was padding.
+"""
+from __future__ import annotations
+
+import torch
+
+_OWN_PATH_ONLY = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                  "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def real_first(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(B, L) 0/1 mask -> (order (B, L): each row's real tokens first, in order, then its pads; the longest row's
+    real-token count; whether every row's real tokens form one contiguous span). One host sync."""
+    real = attention_mask != 0
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    starts = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0]  # spans of real tokens per row
+    longest, spans = torch.stack([real.sum(1).max(), starts.max()]).tolist()
+    return order, longest, spans <= 1
+
+
+def trimmed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast):
+    """TRL's scoring of one chunk on its trimmed layout; None when the layout cannot be trimmed exactly."""
+    order, width, contiguous = real_first(attention_mask)
+    if not contiguous:
+        return None
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # TRL's labels, in TRL's layout
+    labels[:, :-logits_to_keep] = -100
+    keep = order[:, :width]  # (B, W): original column of each trimmed position
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    with autocast():
+        outputs = model(input_ids=input_ids.gather(1, keep), attention_mask=attention_mask.gather(1, keep),
+                        position_ids=positions.gather(1, keep), labels=labels.gather(1, keep), fused_lm_head=True)
+
+    def to_trl_layout(per_token: torch.Tensor) -> torch.Tensor:
+        # per_token[:, j] scores the token at trimmed position j + 1; TRL's [:, t - 1] scores the token at column t
+        by_column = per_token.new_zeros(input_ids.shape).scatter(1, keep[:, 1:], per_token)
+        return by_column[:, 1:][:, -logits_to_keep:]
+
+    entropy = to_trl_layout(outputs.entropy) if compute_entropy else None
+    return to_trl_layout(outputs.log_probs), entropy
+
+
+def trim_padding(trainer) -> None:
+    """Route the trainer's per-token log-prob forwards (training, reference, old) through `trimmed_chunk`."""
+    original = trainer._get_per_token_logps_and_entropies
+
+    def trimmed(model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+                compute_aux_loss=False, **kwargs):
+        if compute_aux_loss or any(kwargs.get(name) is not None for name in _OWN_PATH_ONLY):
+            return original(model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                            compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+        batch_size = batch_size or input_ids.size(0)
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            rows = slice(start, start + batch_size)
+            chunk = trimmed_chunk(model, input_ids[rows], attention_mask[rows], logits_to_keep, compute_entropy,
+                                  trainer.accelerator.autocast)
+            if chunk is None:
+                chunk = original(model, input_ids[rows], attention_mask[rows], logits_to_keep,
+                                 compute_entropy=compute_entropy)[:2]
+            logps.append(chunk[0])
+            entropies.append(chunk[1])
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    trainer._get_per_token_logps_and_entropies = trimmed
