@@ -28,10 +28,14 @@ import torch.nn.functional as F
 NAME = "sdpa_packed_causal"
 
 
+def real_tokens_first(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 padding mask -> (B, L) int64: the columns of each row's real tokens, in order, then of its pads."""
+    return torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+
+
 def packing_order(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) 0/1 padding mask -> (2, B, L) int64: [0] the order that puts each row's real tokens first (in their
-    order), then its pads; [1] the inverse order, which puts them back."""
-    order = torch.argsort((attention_mask == 0).to(torch.int8), dim=1, stable=True)
+    """(B, L) 0/1 padding mask -> (2, B, L) int64: [0] `real_tokens_first`; [1] its inverse, which puts them back."""
+    order = real_tokens_first(attention_mask)
     return torch.stack([order, torch.argsort(order, dim=1)])
 
 

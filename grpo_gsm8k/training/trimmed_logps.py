@@ -5,20 +5,26 @@ batch, every completion right-padded to the longest completion, so a training fo
 the longest of 24. Each pad position costs the same GEMM work as a real token. `trim_padding(trainer)` makes
 `_get_per_token_logps_and_entropies` move each row's real tokens, in order, to the front (positions kept through
 `position_ids`), cut the chunk to its longest row, run TRL's fused LM head there and put the log-probs (and
-entropies) back where TRL's own layout has them:
+entropies) back where TRL's own layout has them (`.`: a pad, masked):
 
-    TRL       [p p a b c d x x]  width 8      trimmed  [a b c d]  width 4 (the chunk's longest row)
-              [e f g h i j k p]                        [e f g h i j k]  -> width 7 for this chunk
+    TRL's layout, width 8       trimmed to the chunk's longest row, width 7
+    [. . a b c d . .]           [a b c d . . .]
+    [e f g h i j k .]           [e f g h i j k]
 
 The same tokens at the same positions attend the same tokens (causal, pads masked), and each label is scored from
 the hidden state of the token before it, as in TRL's layout; positions TRL leaves at 0 stay 0. Rows whose real
 tokens are not one contiguous span (never in GRPO), vision inputs and MoE aux losses take TRL's own function.
-On H200 rows at realistic lengths, TRL's layout ran the training half at 27% of peak (bench/RESULTS.md, 2026-12-02):
-most of the gap was padding.
+At realistic lengths on an H200 the training half ran at 27% of peak counting real tokens (bench/RESULTS.md,
+2026-12-02); counting the pads it computed too (1.85x the real tokens, bench/padding_tokens.py), about 50%, as at
+the worst case's full rows: the difference was padding. Trimming cuts 22% of the training forwards' tokens and 5%
+of the reference forward's (all 24 rows at once); the rest would need rows packed into one sequence, with
+variable-length attention.
 """
 from __future__ import annotations
 
 import torch
+
+from grpo_gsm8k.training.packed_attention import real_tokens_first
 
 _OWN_PATH_ONLY = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -28,7 +34,7 @@ def real_first(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     """(B, L) 0/1 mask -> (order (B, L): each row's real tokens first, in order, then its pads; the longest row's
     real-token count; whether every row's real tokens form one contiguous span). One host sync."""
     real = attention_mask != 0
-    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)
+    order = real_tokens_first(attention_mask)
     starts = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0]  # spans of real tokens per row
     longest, spans = torch.stack([real.sum(1).max(), starts.max()]).tolist()
     return order, longest, spans <= 1
