@@ -24,8 +24,11 @@ from tests.test_fastgen import tiny_model, with_lora
 ])
 def test_packing_order_puts_real_tokens_first_in_order_and_inverts(mask, order):
     both = packing_order(torch.tensor([mask]))
-    assert both[0, 0].tolist() == order
-    assert torch.equal(torch.arange(len(mask))[order][both[1, 0]], torch.arange(len(mask)))  # [1] undoes [0]
+    assert both[0, 0, :len(mask)].tolist() == order
+    inverse = both[1, 0, :len(mask)]
+    assert torch.equal(torch.arange(len(mask))[order][inverse], torch.arange(len(mask)))  # [1] undoes [0]
+    # padded to the next multiple of 8 above the length (one compiled variant for all lengths), with column 0
+    assert both.shape[2] % 8 == 0 and both.shape[2] > len(mask) and (both[:, 0, len(mask):] == 0).all()
 
 
 def padded_batch(seed: int = 0):

@@ -34,9 +34,18 @@ def real_tokens_first(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def packing_order(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L) 0/1 padding mask -> (2, B, L) int64: [0] `real_tokens_first`; [1] its inverse, which puts them back."""
+    """(B, L) 0/1 padding mask -> (2, B, W) int64, W the next multiple of 8 above L: [0] `real_tokens_first`, then
+    column 0 again; [1] its inverse (which puts them back), then zeros.
+
+    Why W: flash attention's backward takes a (B, H, length) log-sum-exp, and Inductor compiles its kernels for that
+    length's alignment to 8 and guards it, so lengths of the other kind recompiled the layers (once for each,
+    ~20 s on an H100). A packed length always a multiple of 8 has one kind; always above L, it never equals L, which
+    would let torch.compile tie the two sizes together. The extra positions come last: causal, no real query
+    sees them, and their outputs are dropped."""
     order = real_tokens_first(attention_mask)
-    return torch.stack([order, torch.argsort(order, dim=1)])
+    both = torch.stack([order, torch.argsort(order, dim=1)])
+    width = 8 * (order.shape[1] // 8 + 1)
+    return torch.nn.functional.pad(both, (0, width - order.shape[1]))
 
 
 def _is_packing_order(mask) -> bool:
@@ -70,7 +79,7 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout: 
     if not _is_packing_order(attention_mask):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)
-    order, inverse = attention_mask[0], attention_mask[1]
+    order, inverse = attention_mask[0], attention_mask[1, :, :query.shape[2]]
     out = F.scaled_dot_product_attention(
         _along_sequence(query, order), _along_sequence(key, order), _along_sequence(value, order),
         dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
