@@ -94,6 +94,11 @@ def gsm8k_rows(split: str, n: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), handle)]
 
 
+def chat_prompt(question: str) -> list[dict]:
+    """The bench's prompt for one GSM8K question (system instruction, then the question)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
 def build_model(tokenizer, tiny: bool):
     """Llama-3.1-8B architecture (or a tiny one), random weights, lm_head masked beyond the tokenizer's ids."""
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -464,8 +469,7 @@ def run_engine(engine: str, cli) -> dict:
     model = build_model(tokenizer, cli.tiny)
     sizes = model_sizes(model)
     print(f"[{engine}] model built in {time.perf_counter() - start:.1f}s", flush=True)
-    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM},
-                                             {"role": "user", "content": r["question"]}],
+    dataset = Dataset.from_list([{"prompt": chat_prompt(r["question"]),
                                   "answer": r["answer"].split("####")[-1].strip()} for r in gsm8k_rows("train", 400)])
     extra = fast_training_overrides() if fast else ENGINES[engine]
     if engine == "fast-no-nan-check":  # the Trainer's NaN/inf loss check syncs after every micro-batch's backward

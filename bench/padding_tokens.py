@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_grpo_step import SYSTEM, build_tokenizer, gsm8k_rows, reference_lengths  # noqa: E402
+from bench.bench_grpo_step import build_tokenizer, chat_prompt, gsm8k_rows, reference_lengths  # noqa: E402
 
 ROWS, GROUP, MICRO = 24, 6, 6
 
@@ -44,9 +44,9 @@ def main() -> None:
     cli = parser.parse_args()
     tokenizer = build_tokenizer(vocab_size=1000 if cli.tiny else 8000)
     questions = gsm8k_rows("train", 20 if cli.tiny else 400)
-    prompt_lengths = [len(tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": r["question"]}],
-        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for r in questions]
+    prompt_lengths = [len(tokenizer.apply_chat_template(chat_prompt(r["question"]), add_generation_prompt=True,
+                                                        tokenize=True, return_dict=True)["input_ids"])
+                      for r in questions]
     shapes = {"24 x 256, every completion at the cap": [256], "24 x 512, every completion at the cap": [512],
               "24 x up to 512, --lengths gsm8k:2.0": reference_lengths(tokenizer, 2.0, 512)}
     rng = random.Random(0)

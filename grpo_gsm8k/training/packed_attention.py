@@ -45,7 +45,7 @@ def packing_order(attention_mask: torch.Tensor) -> torch.Tensor:
     order = real_tokens_first(attention_mask)
     both = torch.stack([order, torch.argsort(order, dim=1)])
     width = 8 * (order.shape[1] // 8 + 1)
-    return torch.nn.functional.pad(both, (0, width - order.shape[1]))
+    return F.pad(both, (0, width - order.shape[1]))
 
 
 def _is_packing_order(mask) -> bool:
