@@ -333,7 +333,7 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     monkeypatch.setattr("trl.trainer.utils._use_triton", trl_projects_only_scored_on)  # speed_up_training patches it
     assert speed_up_training(trainer) == {"compiled_layers": 0, "compile_cache": "", "cudnn_attention_off": False,
                                           "packed_causal_attention": True, "trimmed_padding": True,
-                                          "lm_head_scored_positions_only": True,
+                                          "packed_rows": False, "lm_head_scored_positions_only": True,
                                           "gc_frozen": True}
     assert any(isinstance(c, FreezeGcEachStep) for c in trainer.callback_handler.callbacks)
     gc.unfreeze()

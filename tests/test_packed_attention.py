@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from grpo_gsm8k.training import packed_attention
-from grpo_gsm8k.training.packed_attention import packing_order, use_packed_causal_attention
+from grpo_gsm8k.training.packed_attention import (packing_order, sequence_bounds, use_packed_causal_attention,
+                                                  varlen_causal_attention)
 from tests.test_fastgen import tiny_model, with_lora
 
 
@@ -29,6 +30,33 @@ def test_packing_order_puts_real_tokens_first_in_order_and_inverts(mask, order):
     assert torch.equal(torch.arange(len(mask))[order][inverse], torch.arange(len(mask)))  # [1] undoes [0]
     # padded to the next multiple of 8 above the length (one compiled variant for all lengths), with column 0
     assert both.shape[2] % 8 == 0 and both.shape[2] > len(mask) and (both[:, 0, len(mask):] == 0).all()
+
+
+@pytest.mark.parametrize("lengths, bounds", [
+    ([5], [0, 5]),
+    ([3, 1, 4], [0, 3, 4, 8]),
+    ([2, 0, 6], [0, 2, 2, 8]),  # an empty sequence: two equal bounds
+])
+def test_sequence_bounds_are_int32_cumulative_lengths_in_a_4d_mask(lengths, bounds):
+    got = sequence_bounds(torch.tensor(lengths))
+    assert got.dtype == torch.int32 and got.shape == (1, 1, 1, len(lengths) + 1)
+    assert got.view(-1).tolist() == bounds
+
+
+def test_varlen_attention_is_causal_attention_within_each_sequence():
+    """The CPU path (block-diagonal causal mask) against plain causal SDPA run on each sequence alone."""
+    torch.manual_seed(0)
+    lengths = [3, 5, 1, 7]
+    q = torch.randn(1, 4, sum(lengths), 8)
+    k, v = torch.randn(2, 1, 2, sum(lengths), 8).unbind(0)  # 2 KV heads for 4 query heads (GQA)
+    out = varlen_causal_attention(q, k, v, sequence_bounds(torch.tensor(lengths)).view(-1), max(lengths))
+    start = 0
+    for length in lengths:
+        piece = slice(start, start + length)
+        alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece],
+                                                                 is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out[:, piece], alone.transpose(1, 2), rtol=1e-5, atol=1e-6)
+        start += length
 
 
 def padded_batch(seed: int = 0):

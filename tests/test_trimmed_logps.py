@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from grpo_gsm8k.training.packed_attention import use_packed_causal_attention
 from grpo_gsm8k.training.trimmed_logps import real_first, trim_padding
 from tests.test_fastgen import _trainer, make_rollout_func, tiny_model, tiny_tokenizer, with_lora
 
@@ -56,7 +57,7 @@ def spy_widths(trainer, positions: list | None = None) -> list[int]:
     forward = trainer.model.forward
 
     def spy(*args, **kwargs):
-        widths.append(kwargs["input_ids"].shape[1])
+        widths.append(kwargs["input_ids"].shape[1] if kwargs["input_ids"].shape[0] > 1 else kwargs["input_ids"].shape)
         if positions is not None:
             positions.append(kwargs.get("position_ids"))
         return forward(*args, **kwargs)
@@ -93,3 +94,25 @@ def test_a_row_with_a_gap_takes_trls_own_function(trainer):
     got = logps_entropies_grads(trainer, ids, mask)
     assert widths == [11, 11]
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_rows_give_trls_log_probs_entropies_and_gradients(trainer):
+    """Each chunk's rows packed into one sequence (attention per row on CPU through the block-diagonal mask; the
+    flash kernel is tests/gpu's)."""
+    ids, mask = padded_grpo_batch(len(trainer.processing_class))
+    want = logps_entropies_grads(trainer, ids, mask)
+    assert use_packed_causal_attention(trainer.model)
+    trim_padding(trainer, pack_rows=True)
+    positions = []
+    widths = spy_widths(trainer, positions)
+    got = logps_entropies_grads(trainer, ids, mask)
+    # rows 0-3 hold 11 + 5 + 9 + 3 = 28 real tokens, rows 4-7 8 + 7 + 7 + 4 = 26: one row each, rounded up to 32
+    assert widths == [(1, 32), (1, 32)]
+    # row 0's tokens at their columns 0-10, then row 1's at its columns 3-7 (TRL's positions, pads counted)
+    assert positions[0][0, :16].tolist() == list(range(11)) + [3, 4, 5, 6, 7]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    assert (got[0][mask[:, -5:] == 0] == 0).all()
+    assert len(got[2]) == len(want[2]) > 0
+    for ours, trl in zip(got[2], want[2]):  # fp32 sums over other GEMM shapes: compared as a whole, not per element
+        assert (ours - trl).norm() <= 1e-5 * trl.norm()

@@ -17,6 +17,10 @@ no real query sees a pad key, and the loss masks pad positions, so their gradien
 
     use_packed_causal_attention(model)  # on the HF causal LM, before training
 
+A forward whose rows were packed into one sequence (training/trimmed_logps.py, on CUDA) passes `sequence_bounds`
+as its attention mask instead: attention then runs per sequence, causal, on flash's variable-length kernel, so no
+position is a pad at all.
+
 Everything else (a KV cache in `generate`, offsets, custom mask functions, eager attention) goes through HF's
 own SDPA mask and attention unchanged.
 """
@@ -66,6 +70,50 @@ def packed_causal_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                      kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, **kwargs)
 
 
+def sequence_bounds(lengths: torch.Tensor) -> torch.Tensor:
+    """(S,) lengths of the sequences packed into one row -> (1, 1, 1, S + 1) int32 bounds [0, l0, l0 + l1, ...].
+
+    Passed as the attention mask of that row's forward: HF hands a 4-D mask to the attention unchanged, and int32
+    (never a mask's dtype) tells `packed_causal_attention` that the row holds these sequences."""
+    bounds = F.pad(lengths.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return bounds.view(1, 1, 1, -1)
+
+
+def _is_sequence_bounds(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and mask.dtype == torch.int32 and mask.ndim == 4
+
+
+def _flash_dtype(query: torch.Tensor):
+    """The half dtype flash would run this query in (autocast's, as SDPA under autocast does), else None."""
+    if not query.is_cuda:
+        return None
+    if query.dtype in (torch.float16, torch.bfloat16):
+        return query.dtype
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") in (torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype("cuda")
+    return None
+
+
+def varlen_causal_attention(query, key, value, bounds: torch.Tensor, longest: int, dropout: float = 0.0,
+                            scaling=None) -> torch.Tensor:
+    """query (1, Nq, T, D), key/value (1, Nkv, T, D), T tokens of sequences bounded by `bounds` (int32, S + 1)
+    -> (1, T, Nq, D): causal attention within each sequence. On CUDA in half precision, flash's variable-length
+    kernel (the one `torch.nn.attention.varlen` wraps; differentiable, GQA native); elsewhere SDPA with a
+    block-diagonal causal mask (exact, but quadratic in T: for tests and odd devices)."""
+    half = _flash_dtype(query)
+    if half is not None:
+        q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))  # (T, heads, D)
+        out = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, longest, longest, dropout, True,
+                                                      False, scale=scaling)[0]
+        return out[None]
+    tokens = torch.arange(query.shape[2], device=query.device)
+    sequence = torch.searchsorted(bounds[1:], tokens, right=True)
+    visible = (sequence[:, None] == sequence[None, :]) & (tokens[:, None] >= tokens[None, :])
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
 def _along_sequence(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, D) with its L rows reordered by index (B, L)."""
     return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
@@ -76,6 +124,9 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout: 
     """HF attention interface: query (B, Nq, L, D), key/value (B, Nkv, L, D) -> ((B, L, Nq, D), None)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    if _is_sequence_bounds(attention_mask):
+        longest = kwargs.get("max_length_q") or query.shape[2]
+        return varlen_causal_attention(query, key, value, attention_mask.view(-1), longest, dropout, scaling), None
     if not _is_packing_order(attention_mask):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)

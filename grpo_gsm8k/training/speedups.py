@@ -1,6 +1,7 @@
 """Training-side speed-ups of the train stage, with either generation engine: GRPOConfig overrides, regional
 torch.compile of the decoder layers, no cuDNN attention, causal attention without a padding mask
-(training/packed_attention.py), log-prob forwards cut to each chunk's real tokens (training/trimmed_logps.py),
+(training/packed_attention.py), log-prob forwards cut to each chunk's real tokens, on CUDA packed into one sequence
+(training/trimmed_logps.py),
 one-batch no-grad scoring, LM-head projection of the scored positions only, and a
 garbage collector frozen before training and again after every step.
 
@@ -80,7 +81,7 @@ def will_compile(choice: bool | None, cuda: bool) -> bool:
 
 
 def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_attention: bool = True,
-                      trimmed: bool = True) -> dict:
+                      trimmed: bool = True, packed_rows: bool | None = None) -> dict:
     """The training-side settings of the fast path, applied to a GRPOTrainer just before `trainer.train()`.
     Returns what was done.
 
@@ -88,7 +89,9 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
     On an H100 at the study's shape these took forward + backward from ~1.1 s to ~0.7 s per optimizer step and
     removed the 6-9 s stalls seen in some steps (bench/RESULTS.md). What is compiled, and fastgen's Triton kernels,
     go to a cache that later runs and resumes read back (training/compile_cache.py). `packed_attention` False keeps
-    HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs)."""
+    HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs). `packed_rows` None packs each chunk's
+rows into one sequence where flash's variable-length kernel runs them (CUDA, with packed attention); elsewhere
+trimming alone is cheaper."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
     compile_layers = will_compile(compile_layers, cuda)
@@ -97,13 +100,14 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
         avoid_cudnn_attention()
     packed = use_packed_causal_attention(model) if packed_attention else False
     compiled = compile_decoder_layers(model) if compile_layers else 0
+    packed_rows = bool(trimmed and packed and (cuda if packed_rows is None else packed_rows))
     if trimmed:
-        trim_padding(trainer)
+        trim_padding(trainer, pack_rows=packed_rows)
     score_in_one_forward(trainer)
     project_only_scored_positions()
     trainer.add_callback(FreezeGcEachStep())
     return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
-            "packed_causal_attention": packed, "trimmed_padding": trimmed, "lm_head_scored_positions_only": True,
+            "packed_causal_attention": packed, "trimmed_padding": trimmed, "packed_rows": packed_rows, "lm_head_scored_positions_only": True,
             "gc_frozen": True}
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from grpo_gsm8k.training.packed_attention import real_tokens_first
+from grpo_gsm8k.training.packed_attention import real_tokens_first, sequence_bounds
 
 _OWN_PATH_ONLY = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -62,8 +62,51 @@ def trimmed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute
     return to_trl_layout(outputs.log_probs), entropy
 
 
-def trim_padding(trainer) -> None:
-    """Route the trainer's per-token log-prob forwards (training, reference, old) through `trimmed_chunk`."""
+def packed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast):
+    """TRL's scoring of one chunk with its rows' real tokens packed, in order, into one sequence (no pads at all;
+    attention per row through `sequence_bounds`); None when a row's real tokens are not one span.
+
+        TRL's layout               packed into one row, its length rounded up to a multiple of 8
+        [. . a b c d . .]          [a b c d e f g h i j k | z z z z z]
+        [e f g h i j k .]           row 0   row 1           filler, its own sequence
+
+    The filler keeps the length a multiple of 8 (flash's backward takes a (heads, length) log-sum-exp whose
+    alignment Inductor compiles for; see `packing_order`) and is never scored. Each row's first token is a prompt
+    token, unscored as in TRL's layout, so no label crosses from one row into the next."""
+    _, longest, contiguous = real_first(attention_mask)
+    if not contiguous:
+        return None
+    rows, columns = (attention_mask != 0).nonzero(as_tuple=True)  # row-major: each row's real tokens, in order
+    total = rows.numel()
+    width = 8 * (total // 8 + 1)
+    bounds = sequence_bounds(torch.cat([attention_mask.ne(0).sum(1), rows.new_tensor([width - total])]))
+    filler = width - total
+
+    def packed(per_column: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([per_column[rows, columns], per_column.new_full((filler,), fill)])[None]
+
+    labels = input_ids.masked_fill(attention_mask == 0, -100)  # TRL's labels, in TRL's layout
+    labels[:, :-logits_to_keep] = -100
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    with autocast():
+        outputs = model(input_ids=packed(input_ids, int(input_ids[0, 0])), attention_mask=bounds,
+                        position_ids=packed(positions, 0), labels=packed(labels, -100), fused_lm_head=True,
+                        max_length_q=longest, max_length_k=longest)
+
+    def to_trl_layout(per_token: torch.Tensor) -> torch.Tensor:
+        # per_token[0, p - 1] scores packed token p, which sits at (rows[p], columns[p]) in TRL's layout
+        by_column = per_token.new_zeros(input_ids.shape).index_put((rows[1:], columns[1:]), per_token[0, :total - 1])
+        return by_column[:, 1:][:, -logits_to_keep:]
+
+    entropy = to_trl_layout(outputs.entropy) if compute_entropy else None
+    return to_trl_layout(outputs.log_probs), entropy
+
+
+def trim_padding(trainer, *, pack_rows: bool = False) -> None:
+    """Route the trainer's per-token log-prob forwards (training, reference, old) through `trimmed_chunk`, or with
+    `pack_rows` through `packed_chunk` (for models on `packed_causal_attention`: its variable-length kernel is
+    CUDA's flash; elsewhere it masks a (tokens x tokens) square, correct but slower than trimming)."""
+    chunk_forward = packed_chunk if pack_rows else trimmed_chunk
     original = trainer._get_per_token_logps_and_entropies
 
     def trimmed(model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -75,7 +118,7 @@ def trim_padding(trainer) -> None:
         logps, entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             rows = slice(start, start + batch_size)
-            chunk = trimmed_chunk(model, input_ids[rows], attention_mask[rows], logits_to_keep, compute_entropy,
+            chunk = chunk_forward(model, input_ids[rows], attention_mask[rows], logits_to_keep, compute_entropy,
                                   trainer.accelerator.autocast)
             if chunk is None:
                 chunk = original(model, input_ids[rows], attention_mask[rows], logits_to_keep,
