@@ -17,8 +17,10 @@ tokens are not one contiguous span (never in GRPO), vision inputs and MoE aux lo
 At realistic lengths on an H200 the training half ran at 27% of peak counting real tokens (bench/RESULTS.md,
 2026-12-02); counting the pads it computed too (1.85x the real tokens, bench/padding_tokens.py), about 50%, as at
 the worst case's full rows: the difference was padding. Trimming cuts 22% of the training forwards' tokens and 5%
-of the reference forward's (all 24 rows at once); the rest would need rows packed into one sequence, with
-variable-length attention.
+of the reference forward's (all 24 rows at once). `trim_padding(trainer, pack_rows=True)` goes on to the real
+tokens alone (54% and 56% of TRL's there): `packed_chunk` puts a chunk's rows one after another in a single
+sequence, and attention runs per row on flash's variable-length kernel (training/packed_attention.py; CUDA only,
+so the train stage packs on CUDA and trims elsewhere).
 """
 from __future__ import annotations
 
