@@ -43,18 +43,23 @@ def test_sequence_bounds_are_int32_cumulative_lengths_in_a_4d_mask(lengths, boun
     assert got.view(-1).tolist() == bounds
 
 
-def test_varlen_attention_is_causal_attention_within_each_sequence():
-    """The CPU path (block-diagonal causal mask) against plain causal SDPA run on each sequence alone."""
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_varlen_attention_is_causal_attention_within_each_sequence(sliding_window):
+    """The CPU path (block-diagonal causal mask) against causal SDPA run on each sequence alone; a sliding layer
+    sees the last `sliding_window` keys, as HF's sliding_window_overlay."""
     torch.manual_seed(0)
     lengths = [3, 5, 1, 7]
     q = torch.randn(1, 4, sum(lengths), 8)
     k, v = torch.randn(2, 1, 2, sum(lengths), 8).unbind(0)  # 2 KV heads for 4 query heads (GQA)
-    out = varlen_causal_attention(q, k, v, sequence_bounds(torch.tensor(lengths)).view(-1), max(lengths))
+    out = varlen_causal_attention(q, k, v, sequence_bounds(torch.tensor(lengths)).view(-1), max(lengths),
+                                  sliding_window=sliding_window)
     start = 0
     for length in lengths:
         piece = slice(start, start + length)
+        back = torch.arange(length)[:, None] - torch.arange(length)[None, :]
+        visible = (back >= 0) & (back < (sliding_window or length))
         alone = torch.nn.functional.scaled_dot_product_attention(q[:, :, piece], k[:, :, piece], v[:, :, piece],
-                                                                 is_causal=True, enable_gqa=True)
+                                                                 attn_mask=visible, enable_gqa=True)
         torch.testing.assert_close(out[:, piece], alone.transpose(1, 2), rtol=1e-5, atol=1e-6)
         start += length
 

@@ -95,20 +95,25 @@ def _flash_dtype(query: torch.Tensor):
 
 
 def varlen_causal_attention(query, key, value, bounds: torch.Tensor, longest: int, dropout: float = 0.0,
-                            scaling=None) -> torch.Tensor:
+                            scaling=None, sliding_window: int | None = None) -> torch.Tensor:
     """query (1, Nq, T, D), key/value (1, Nkv, T, D), T tokens of sequences bounded by `bounds` (int32, S + 1)
-    -> (1, T, Nq, D): causal attention within each sequence. On CUDA in half precision, flash's variable-length
-    kernel (the one `torch.nn.attention.varlen` wraps; differentiable, GQA native); elsewhere SDPA with a
-    block-diagonal causal mask (exact, but quadratic in T: for tests and odd devices)."""
+    -> (1, T, Nq, D): causal attention within each sequence (and, as HF's sliding layers, to the last
+    `sliding_window` keys). On CUDA in half precision, flash's variable-length kernel (the one
+    `torch.nn.attention.varlen` wraps; differentiable, GQA native); elsewhere SDPA with a block-diagonal causal
+    mask (exact, but quadratic in T: for tests and odd devices)."""
     half = _flash_dtype(query)
     if half is not None:
         q, k, v = (t[0].transpose(0, 1).to(half) for t in (query, key, value))  # (T, heads, D)
+        window = {} if sliding_window is None else {"window_size_left": sliding_window - 1, "window_size_right": 0}
         out = torch.ops.aten._flash_attention_forward(q, k, v, bounds, bounds, longest, longest, dropout, True,
-                                                      False, scale=scaling)[0]
+                                                      False, scale=scaling, **window)[0]
         return out[None]
     tokens = torch.arange(query.shape[2], device=query.device)
     sequence = torch.searchsorted(bounds[1:], tokens, right=True)
-    visible = (sequence[:, None] == sequence[None, :]) & (tokens[:, None] >= tokens[None, :])
+    back = tokens[:, None] - tokens[None, :]  # query minus key position
+    visible = (sequence[:, None] == sequence[None, :]) & (back >= 0)
+    if sliding_window is not None:
+        visible &= back < sliding_window
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=visible, dropout_p=dropout, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2)
@@ -126,7 +131,8 @@ def packed_causal_attention(module, query, key, value, attention_mask, dropout: 
 
     if _is_sequence_bounds(attention_mask):
         longest = kwargs.get("max_length_q") or query.shape[2]
-        return varlen_causal_attention(query, key, value, attention_mask.view(-1), longest, dropout, scaling), None
+        return varlen_causal_attention(query, key, value, attention_mask.view(-1), longest, dropout, scaling,
+                                       kwargs.get("sliding_window")), None
     if not _is_packing_order(attention_mask):
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
                                                scaling=scaling, **kwargs)

@@ -65,9 +65,11 @@ def test_packed_attention_runs_on_flash_and_matches_the_masked_reference():
     assert out_err <= 1e-2 and max(grad_errs) <= 1e-2
 
 
-def test_packed_rows_run_on_flash_varlen_and_match_each_sequence_alone(monkeypatch):
+@pytest.mark.parametrize("sliding_window", [None, 64])
+def test_packed_rows_run_on_flash_varlen_and_match_each_sequence_alone(monkeypatch, sliding_window):
     """Six GRPO-like rows (prompt + completion lengths) packed into one sequence at the 8B head layout, under
-    autocast as in training: forward and backward against fp32 causal SDPA run on each row alone."""
+    autocast as in training: forward and backward against fp32 causal SDPA run on each row alone (and a sliding
+    layer's window, as HF's)."""
     torch.manual_seed(0)
     lengths = [412, 97, 230, 388, 151, 305, 5]  # the last: filler up to a multiple of 8, its own sequence
     total = sum(lengths)
@@ -82,7 +84,7 @@ def test_packed_rows_run_on_flash_varlen_and_match_each_sequence_alone(monkeypat
     monkeypatch.setattr(packed_attention.F, "scaled_dot_product_attention", no_masked_fallback)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, _ = packed_causal_attention(_Module(), q, k, v, sequence_bounds(torch.tensor(lengths, device="cuda")),
-                                         scaling=128 ** -0.5, max_length_q=max(lengths))
+                                         scaling=128 ** -0.5, max_length_q=max(lengths), sliding_window=sliding_window)
     assert out.dtype == torch.bfloat16 and out.shape == (1, total, 32, 128)
     (out.float() * upstream).sum().backward()
     grads = [t.grad.clone() for t in (q, k, v)]
@@ -90,8 +92,10 @@ def test_packed_rows_run_on_flash_varlen_and_match_each_sequence_alone(monkeypat
     pieces, start = [], 0
     for length in lengths:
         rows = slice(start, start + length)
+        back = torch.arange(length, device="cuda")[:, None] - torch.arange(length, device="cuda")[None, :]
+        visible = (back >= 0) & (back < (sliding_window or length))
         pieces.append(torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True, scale=128 ** -0.5, enable_gqa=True))
+            q[:, :, rows], k[:, :, rows], v[:, :, rows], attn_mask=visible, scale=128 ** -0.5, enable_gqa=True))
         start += length
     ref = torch.cat(pieces, dim=2).transpose(1, 2)
     for t in (q, k, v):
@@ -100,6 +104,6 @@ def test_packed_rows_run_on_flash_varlen_and_match_each_sequence_alone(monkeypat
     rel = lambda a, r: ((a.float() - r.float()).norm() / r.float().norm()).item()  # noqa: E731
     out_err = rel(out, ref)
     grad_errs = [rel(g, t.grad) for g, t in zip(grads, (q, k, v))]
-    print(f"packed rows, flash varlen vs fp32 per row: output {out_err:.2e}, grads q/k/v "
+    print(f"packed rows (window {sliding_window}), flash varlen vs fp32 per row: output {out_err:.2e}, grads q/k/v "
           f"{[f'{e:.2e}' for e in grad_errs]}")
     assert out_err <= 1e-2 and max(grad_errs) <= 1e-2
