@@ -107,7 +107,8 @@ trimming alone is cheaper."""
     project_only_scored_positions()
     trainer.add_callback(FreezeGcEachStep())
     return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
-            "packed_causal_attention": packed, "trimmed_padding": trimmed, "packed_rows": packed_rows, "lm_head_scored_positions_only": True,
+            "packed_causal_attention": packed, "trimmed_padding": trimmed, "packed_rows": packed_rows,
+            "lm_head_scored_positions_only": True,
             "gc_frozen": True}
 
 
