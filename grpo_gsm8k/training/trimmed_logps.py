@@ -91,7 +91,7 @@ def packed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_
     labels[:, :-logits_to_keep] = -100
     positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     with autocast():
-        outputs = model(input_ids=packed(input_ids, int(input_ids[0, 0])), attention_mask=bounds,
+        outputs = model(input_ids=packed(input_ids, 0), attention_mask=bounds,
                         position_ids=packed(positions, 0), labels=packed(labels, -100), fused_lm_head=True,
                         max_length_q=longest, max_length_k=longest)
 
