@@ -334,6 +334,7 @@ def test_speed_up_training_scores_the_reference_in_one_forward(monkeypatch):
     assert speed_up_training(trainer) == {"compiled_layers": 0, "compile_cache": "", "cudnn_attention_off": False,
                                           "packed_causal_attention": True, "trimmed_padding": True,
                                           "packed_rows": False, "lm_head_scored_positions_only": True,
+                                          "gradients_accumulated_at_once": True,
                                           "gc_frozen": True}
     assert any(isinstance(c, FreezeGcEachStep) for c in trainer.callback_handler.callbacks)
     gc.unfreeze()
