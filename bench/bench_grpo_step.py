@@ -65,10 +65,11 @@ FAST_ENGINES = {"fast": {"compile": True, "freeze_gc": True, "cudnn_attention": 
                 "fast-no-nan-check": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # see run_engine
                 "fast-masked-attention": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # HF's mask
                 "fast-untrimmed": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # TRL's padding
-                "fast-unpacked": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # rows trimmed only
+                "fast-unpacked": {"compile": True, "freeze_gc": True, "cudnn_attention": False},  # rows trimmed only
+                "fast-autograd-adds": {"compile": True, "freeze_gc": True, "cudnn_attention": False}}  # per param
 # set up by speed_up_training, as the train stage is; the others change one thing in it
 AS_TRAIN_STAGE = ("fast", "fast-gc-off", "fast-gc-once", "fast-no-nan-check", "fast-masked-attention",
-                  "fast-untrimmed", "fast-unpacked")
+                  "fast-untrimmed", "fast-unpacked", "fast-autograd-adds")
 PHASES = ("generation", "scoring", "forward", "backward", "optimizer")
 # Limits read on the lent cards (device KINDS.md): device-to-device copy bandwidth, bf16 8192^3 matmul throughput.
 CARD_LIMITS = {"H200": (4.3, 790.0), "H100": (3.0, 798.0)}  # name substring: (TB/s, TFLOP/s)
@@ -494,7 +495,8 @@ def run_engine(engine: str, cli) -> dict:
     if engine in AS_TRAIN_STAGE:  # exactly what the train stage does (train.compile: auto)
         speed_up_training(trainer, compile_layers=True if os.environ.get("BENCH_COMPILE_ON_CPU") else None,
                           packed_attention=engine != "fast-masked-attention", trimmed=engine != "fast-untrimmed",
-                          packed_rows=False if engine == "fast-unpacked" else None)
+                          packed_rows=False if engine == "fast-unpacked" else None,
+                          accumulate_at_once=engine != "fast-autograd-adds")
         if engine == "fast-gc-off":  # what the garbage collector costs a step (a few steps only: cycles pile up)
             gc.disable()
         if engine == "fast-gc-once":  # frozen before training only, as before FreezeGcEachStep

@@ -81,7 +81,7 @@ def will_compile(choice: bool | None, cuda: bool) -> bool:
 
 
 def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_attention: bool = True,
-                      trimmed: bool = True, packed_rows: bool | None = None) -> dict:
+                      trimmed: bool = True, packed_rows: bool | None = None, accumulate_at_once: bool = True) -> dict:
     """The training-side settings of the fast path, applied to a GRPOTrainer just before `trainer.train()`.
     Returns what was done.
 
@@ -91,7 +91,7 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
     go to a cache that later runs and resumes read back (training/compile_cache.py). `packed_attention` False keeps
     HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs). `packed_rows` None packs each chunk's
 rows into one sequence where flash's variable-length kernel runs them (CUDA, with packed attention); elsewhere
-trimming alone is cheaper."""
+trimming alone is cheaper. `accumulate_at_once` False leaves gradient accumulation to autograd (an A/B)."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
     compile_layers = will_compile(compile_layers, cuda)
@@ -104,7 +104,7 @@ trimming alone is cheaper."""
     if trimmed:
         trim_padding(trainer, pack_rows=packed_rows)
     score_in_one_forward(trainer)
-    accumulated_at_once = accumulate_gradients_at_once(trainer)
+    accumulated_at_once = accumulate_gradients_at_once(trainer) if accumulate_at_once else False
     project_only_scored_positions()
     trainer.add_callback(FreezeGcEachStep())
     return {"compiled_layers": compiled, "compile_cache": caches.get("inductor", ""), "cudnn_attention_off": cuda,
