@@ -79,3 +79,18 @@ def test_a_missing_bundle_is_silent_and_a_corrupt_or_unreachable_one_is_a_warnin
     assert fetch_portable(remote, storage_options=nothing_listens) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: could not read the compile cache") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("choice, cuda, half, attention, trimmed, expected", [
+    (None, True, True, True, True, True),      # auto: CUDA in bf16/fp16, where flash's varlen kernel runs
+    (None, True, False, True, True, False),    # fp32 on CUDA: the masked fallback would be quadratic
+    (None, False, False, True, True, False),   # CPU: trimming alone
+    (True, False, False, True, True, True),    # asked for: packs anywhere (the CPU tests do)
+    (True, True, True, False, True, False),    # needs the packed attention (bounds as the mask)
+    (True, True, True, True, False, False),    # and trimming's path
+    (False, True, True, True, True, False),
+])
+def test_will_pack_rows(choice, cuda, half, attention, trimmed, expected):
+    from grpo_gsm8k.training.speedups import will_pack_rows
+
+    assert will_pack_rows(choice, cuda=cuda, half=half, packed_attention=attention, trimmed=trimmed) is expected

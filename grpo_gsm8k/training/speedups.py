@@ -80,6 +80,16 @@ def will_compile(choice: bool | None, cuda: bool) -> bool:
     return cuda if choice is None else choice
 
 
+def will_pack_rows(choice: bool | None, *, cuda: bool, half: bool, packed_attention: bool, trimmed: bool) -> bool:
+    """Whether log-prob forwards pack each chunk's rows into one sequence (training/trimmed_logps.py). It builds on
+    trimming and needs the packed attention; auto (None) packs where flash's variable-length kernel runs them
+    (CUDA, half precision). Elsewhere attention per row falls back to a masked (tokens x tokens) square: exact,
+    but slower than trimming alone."""
+    if not (trimmed and packed_attention):
+        return False
+    return cuda and half if choice is None else choice
+
+
 def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_attention: bool = True,
                       trimmed: bool = True, packed_rows: bool | None = None, accumulate_at_once: bool = True) -> dict:
     """The training-side settings of the fast path, applied to a GRPOTrainer just before `trainer.train()`.
@@ -89,9 +99,8 @@ def speed_up_training(trainer, *, compile_layers: bool | None = None, packed_att
     On an H100 at the study's shape these took forward + backward from ~1.1 s to ~0.7 s per optimizer step and
     removed the 6-9 s stalls seen in some steps (bench/RESULTS.md). What is compiled, and fastgen's Triton kernels,
     go to a cache that later runs and resumes read back (training/compile_cache.py). `packed_attention` False keeps
-    HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs). `packed_rows` None packs each chunk's
-rows into one sequence where flash's variable-length kernel runs them (CUDA, with packed attention); elsewhere
-trimming alone is cheaper. `accumulate_at_once` False leaves gradient accumulation to autograd (an A/B)."""
+    HF's masked SDPA, `trimmed` False TRL's padded layout (the bench's A/Bs). `packed_rows`: see `will_pack_rows`.
+    `accumulate_at_once` False leaves gradient accumulation to autograd (an A/B)."""
     model = trainer.model
     cuda = next(model.parameters()).is_cuda
     compile_layers = will_compile(compile_layers, cuda)
@@ -100,7 +109,8 @@ trimming alone is cheaper. `accumulate_at_once` False leaves gradient accumulati
         avoid_cudnn_attention()
     packed = use_packed_causal_attention(model) if packed_attention else False
     compiled = compile_decoder_layers(model) if compile_layers else 0
-    packed_rows = bool(trimmed and packed and (cuda if packed_rows is None else packed_rows))
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16) or trainer.args.bf16 or trainer.args.fp16
+    packed_rows = will_pack_rows(packed_rows, cuda=cuda, half=half, packed_attention=packed, trimmed=trimmed)
     if trimmed:
         trim_padding(trainer, pack_rows=packed_rows)
     score_in_one_forward(trainer)

@@ -18,9 +18,9 @@ At realistic lengths on an H200 the training half ran at 27% of peak counting re
 2026-12-02); counting the pads it computed too (1.85x the real tokens, bench/padding_tokens.py), about 50%, as at
 the worst case's full rows: the difference was padding. Trimming cuts 22% of the training forwards' tokens and 5%
 of the reference forward's (all 24 rows at once). `trim_padding(trainer, pack_rows=True)` goes on to the real
-tokens alone (54% and 56% of TRL's there): `packed_chunk` puts a chunk's rows one after another in a single
-sequence, and attention runs per row on flash's variable-length kernel (training/packed_attention.py; CUDA only,
-so the train stage packs on CUDA and trims elsewhere).
+tokens alone (54% of TRL's training-forward tokens there): `packed_chunk` puts a chunk's rows one after another in
+a single sequence, and attention runs per row on flash's variable-length kernel (training/packed_attention.py;
+CUDA in half precision, so the train stage packs there and trims elsewhere; `speedups.will_pack_rows`).
 """
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def packed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_
         [. . a b c d . .]          [a b c d e f g h i j k | z z z z z]
         [e f g h i j k .]           row 0   row 1           filler, its own sequence
 
-    The filler keeps the length a multiple of 8 (flash's backward takes a (heads, length) log-sum-exp whose
-    alignment Inductor compiles for; see `packing_order`) and is never scored. Each row's first token is a prompt
+    The filler keeps the length a multiple of 8, as `packing_order` does against Inductor's guard on the
+    attention inputs' alignment, and is never scored. Each row's first token is a prompt
     token, unscored as in TRL's layout, so no label crosses from one row into the next."""
     _, longest, contiguous = real_first(attention_mask)
     if not contiguous:
