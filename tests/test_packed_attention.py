@@ -1,7 +1,7 @@
-"""grpo_gsm8k.training.packed_attention on CPU: the packing order as a table, and a tiny LoRA Llama whose logits
-(real positions) and LoRA gradients on a padded batch equal HF's masked SDPA's; HF generate, eager models and
-the plain-causal dispatch (no mask reaches SDPA) as well. tests/gpu/test_packed_attention_gpu.py checks that
-CUDA runs it on the flash kernel."""
+"""grpo_gsm8k.training.packed_attention on CPU: the packing order and the sequence bounds as tables, attention
+over packed sequences against SDPA on each alone, and a tiny LoRA Llama whose logits (real positions) and LoRA
+gradients on a padded batch equal HF's masked SDPA's; HF generate, eager models and the plain-causal dispatch (no
+mask reaches SDPA) as well. tests/gpu/test_packed_attention_gpu.py checks that CUDA runs both on flash kernels."""
 from __future__ import annotations
 
 import copy
