@@ -32,14 +32,25 @@ _OWN_PATH_ONLY = ("pixel_values", "image_grid_thw", "num_images", "pixel_attenti
                   "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-def real_first(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """(B, L) 0/1 mask -> (order (B, L): each row's real tokens first, in order, then its pads; the longest row's
-    real-token count; whether every row's real tokens form one contiguous span). One host sync."""
-    real = attention_mask != 0
-    order = real_tokens_first(attention_mask)
+def real_spans(real: torch.Tensor) -> tuple[int, bool]:
+    """(B, L) bool, True at real tokens -> (the longest row's real-token count; whether every row's real tokens form
+    one contiguous span). One host sync."""
     starts = (real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0]  # spans of real tokens per row
     longest, spans = torch.stack([real.sum(1).max(), starts.max()]).tolist()
-    return order, longest, spans <= 1
+    return longest, spans <= 1
+
+
+def real_first(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(B, L) 0/1 mask -> (order (B, L): each row's real tokens first, in order, then its pads; `real_spans`)."""
+    return real_tokens_first(attention_mask), *real_spans(attention_mask != 0)
+
+
+def trl_labels_and_positions(input_ids, attention_mask, logits_to_keep: int):
+    """TRL's layout: the labels its loss scores (completion tokens; -100 elsewhere), and each column's position."""
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :-logits_to_keep] = -100
+    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    return labels, positions
 
 
 def trimmed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_entropy: bool, autocast):
@@ -47,10 +58,8 @@ def trimmed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute
     order, width, contiguous = real_first(attention_mask)
     if not contiguous:
         return None
-    labels = input_ids.masked_fill(attention_mask == 0, -100)  # TRL's labels, in TRL's layout
-    labels[:, :-logits_to_keep] = -100
+    labels, positions = trl_labels_and_positions(input_ids, attention_mask, logits_to_keep)
     keep = order[:, :width]  # (B, W): original column of each trimmed position
-    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
     with autocast():
         outputs = model(input_ids=input_ids.gather(1, keep), attention_mask=attention_mask.gather(1, keep),
                         position_ids=positions.gather(1, keep), labels=labels.gather(1, keep), fused_lm_head=True)
@@ -75,21 +84,19 @@ def packed_chunk(model, input_ids, attention_mask, logits_to_keep: int, compute_
     The filler keeps the length a multiple of 8, as `packing_order` does against Inductor's guard on the
     attention inputs' alignment, and is never scored. Each row's first token is a prompt
     token, unscored as in TRL's layout, so no label crosses from one row into the next."""
-    _, longest, contiguous = real_first(attention_mask)
+    real = attention_mask != 0
+    longest, contiguous = real_spans(real)
     if not contiguous:
         return None
-    rows, columns = (attention_mask != 0).nonzero(as_tuple=True)  # row-major: each row's real tokens, in order
+    rows, columns = real.nonzero(as_tuple=True)  # row-major: each row's real tokens, in order
     total = rows.numel()
-    width = 8 * (total // 8 + 1)
-    bounds = sequence_bounds(torch.cat([attention_mask.ne(0).sum(1), rows.new_tensor([width - total])]))
-    filler = width - total
+    filler = 8 * (total // 8 + 1) - total
+    bounds = sequence_bounds(torch.cat([real.sum(1), rows.new_tensor([filler])]))
 
     def packed(per_column: torch.Tensor, fill: int) -> torch.Tensor:
         return torch.cat([per_column[rows, columns], per_column.new_full((filler,), fill)])[None]
 
-    labels = input_ids.masked_fill(attention_mask == 0, -100)  # TRL's labels, in TRL's layout
-    labels[:, :-logits_to_keep] = -100
-    positions = torch.arange(input_ids.size(1), device=input_ids.device).expand_as(input_ids)
+    labels, positions = trl_labels_and_positions(input_ids, attention_mask, logits_to_keep)
     with autocast():
         outputs = model(input_ids=packed(input_ids, 0), attention_mask=bounds,
                         position_ids=packed(positions, 0), labels=packed(labels, -100), fused_lm_head=True,
