@@ -104,8 +104,8 @@ def test_real_positions_and_lora_gradients_equal_masked_sdpa(monkeypatch):
     torch.testing.assert_close(got_logits[real], want_logits[real], rtol=1e-5, atol=1e-5)
     assert torch.isfinite(got_logits).all()  # pad positions: unused, but finite (NaN * 0 would poison gradients)
     assert len(got_grads) == len(want_grads) > 0
-    for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(got_grads, want_grads):  # fp32 sums in another order: measured against the norm
+        assert (got - want).norm() <= 1e-5 * want.norm()
 
 
 def test_generate_with_a_kv_cache_is_unchanged():
