@@ -111,6 +111,16 @@ EXTRACTION_CASES = [
     ("Answer: 2.5e-1", "0.25", "answer_is", False),  # negative exponent
     ("The answer is 5, no, 6", None, "answer_is", True),  # a correction inside one statement
     ("The answer is 5 (five).", "5", "answer_is", False),  # guard: words in parentheses are not a value
+    ("The answer is $1\\frac{2}{3}$ cups.", "1.666666666666666666666666667", "answer_is", False),  # LaTeX mixed
+    ("\\boxed{2\\frac{1}{2}}", "2.5", "boxed", False),  # mixed number in a box: not 21/2
+    ("\\boxed{\\frac12}", "0.5", "boxed", False),  # LaTeX's brace-less \frac12
+    ("\\boxed{-\\frac{3}{4}}", "-0.75", "boxed", False),  # guard: a sign before \frac
+    ("The answer is not obvious yet. Each shirt costs $8. She pays 24 dollars.", "24", "last_number", False),
+    ("The answer is. 72", "72", "last_number", False),  # a marker sentence without a number is no marker
+    ("#### 1. Cost of the shirts\n3 * 8 = 24, plus 48 gives 72.", "72", "last_number", True),  # a heading
+    ("#### 2) Total\nSo she pays 72 dollars.", "72", "last_number", False),  # a heading numbered "2)"
+    ("#### 72. She pays 72 dollars.", "72", "hash", False),  # guard: an answer then a sentence, not a heading
+    ("#### 15. so she has 15", "15", "hash", False),  # guard: lower case reads on, not a title
 ]
 
 
@@ -136,6 +146,11 @@ CORRECTNESS_CASES = [
     ("$15", "15", True),  # regression: currency
     ("#### 1,000", "1000", True),  # regression: thousands commas
     ("#### 5 + 7", "5", False),  # the leading number is no longer read
+    ("The answer is $1\\frac{2}{3}$ cups.", "4", False),  # regression: read as 12/3
+    ("#### 2\\frac{1}{3}", "7", False),  # regression: read as 21/3
+    ("\\boxed{\\frac12}", "12", False),  # regression: read as 12
+    ("The answer is not obvious yet. Each shirt costs $8. She pays 24 dollars.", "24", True),  # regression: 8
+    ("#### 1. Cost of the shirts\n3 * 8 = 24, plus 48 gives 72.", "72", True),  # regression: 1
 ]
 
 

@@ -377,3 +377,26 @@ def test_degenerate_answers_are_named_and_not_for_a_run_without_them(tree, rende
         assert "**Short, degenerate answers**: the tuned model's answers got significantly shorter (mean " in words
         assert "and significantly more often fully formatted (0.0% → 100.0%" in words
         assert "while accuracy did not improve (10.0% → 10.0%" in words
+
+
+# variant, min_tokens, full_tokens: what the method section must say, and must not say
+REWARD_TEXT_CASES = [
+    ("study", 50, 100, ["at least 100 tokens", "2.5 (short penalty 2.5) from 50 to 99 tokens", "format up to 1.5"],
+     ["any length"]),
+    ("study", 100, 100, ["at least 100 tokens", "0 under 100 tokens", "format up to 1.5"],
+     ["short penalty", "to 99 tokens"]),  # no penalty band when the two gates coincide
+    ("naive", 50, 100, ["at any length", "format up to 1.5"], ["short penalty"]),
+    ("correctness_only", 50, 100, ["at any length"], ["format"]),
+    ("tests.rewards_for_tests:format_only", 50, 100, ["`format_reward`", "this run's own"],
+     ["correctness", "any length"]),  # a variant of the user's: its reward functions, not a guess
+]
+
+
+@pytest.mark.parametrize("variant, min_tokens, full_tokens, says, never", REWARD_TEXT_CASES)
+def test_reward_text_describes_the_variant_that_ran(variant, min_tokens, full_tokens, says, never):
+    from grpo_gsm8k.science.report_sections import reward_text
+    from grpo_gsm8k.science.rewards import RewardKnobs
+
+    text = reward_text(RewardKnobs(variant, 5.0, min_tokens, full_tokens, 2.5, 1.5))
+    assert all(part in text for part in says), text
+    assert not any(part in text for part in never), text

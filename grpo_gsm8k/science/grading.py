@@ -46,7 +46,9 @@ _NUMBER = re.compile(
     r"(?:[ \t]*/[ \t]*(?P<den>\d+(?:\.\d+)?))?"
 )
 _PLAIN_NUMBER = re.compile(r"[-−]?\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_HASH_MARKER = re.compile(r"####[ \t]*([^\n]*)")
+# A numbered markdown heading ("#### 1. Cost of the shirts", "#### 2) Total": a title without digits, more text
+# below) is no marker; "#### 72. She pays 72 dollars." and a last line "#### 72. Done" still are.
+_HASH_MARKER = re.compile(r"####(?![ \t]*\d{1,2}[.)][ \t]+[A-Z][^\d\n]*\n\s*\S)[ \t]*([^\n]*)")
 _BOXED_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE = re.compile(r"[{}]")
 # The rest of the line is read in a look-ahead so "the answer is 5, no, the answer is 6" yields both markers;
@@ -73,6 +75,7 @@ _SIMPLE_STATEMENT = re.compile(r"[ \t*_:#]*(-?)\$?((?:\d{1,3}(?:,\d{3})+|\d+)(?:
 _SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+|\n+")
 _MARKER_PADDING = " \t*_:#"
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_LATEX_FRAC_DIGITS = re.compile(r"\\[dt]?frac\s*(\d)(\d)")  # LaTeX's brace-less "\frac12"
 _LATEX_TEXT = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
 _LATEX_REPLACEMENTS = (("{,}", ","), ("\\$", "$"), ("\\%", "%"), ("\\,", ""), ("\\!", ""), ("\\times", "*"),
                        ("\\cdot", "*"), ("\\div", "/"))
@@ -110,7 +113,8 @@ def _clean_latex(text: str) -> str:
         return text  # fast path: almost every GSM8K completion
     for latex, plain in _LATEX_REPLACEMENTS:
         text = text.replace(latex, plain)
-    text = _LATEX_FRAC.sub(r"\1/\2", text)
+    # A space before the fraction, so "1\frac{2}{3}" reads as the mixed number "1 2/3", not as "12/3".
+    text = _LATEX_FRAC_DIGITS.sub(r" \1/\2", _LATEX_FRAC.sub(r" \1/\2", text))
     return _LATEX_TEXT.sub(r" \1", text)
 
 
@@ -246,10 +250,10 @@ def _statement_values(statement: str) -> tuple[str, ...]:
     if simple := _SIMPLE_STATEMENT.fullmatch(statement):  # fast path: "72", "$1,000.", "**-3.5**"
         return (_format_decimal(Decimal(simple[1] + simple[2].replace(",", ""))),)
     statement = statement.replace("**", " ").replace("__", " ").lstrip(_MARKER_PADDING)
-    if (digit := _DIGIT.search(statement)) is None:
-        return ()
-    if (end := _STATEMENT_END.search(statement, digit.end())) is not None:
+    if (end := _STATEMENT_END.search(statement)) is not None:
         statement = statement[: end.start()]
+    if _DIGIT.search(statement) is None:  # "The answer is not obvious yet." states nothing: no marker
+        return ()
     for part in reversed(statement.split("=")):  # "0.5 hours = 30 minutes": the value after the last "="
         values = _part_values(_line_tokens(part))
         if values:

@@ -209,7 +209,7 @@ def set_results(inputs: ReportInputs, s: SetResults) -> list[str]:
                  f"{fmt_interval(st['wilson'][m]['low'], st['wilson'][m]['high'])}" for m, _, _ in both)),
              row(f"Accuracy {conf} cluster bootstrap interval", *(fmt_interval(st["bootstrap"][m]["low"],
                  st["bootstrap"][m]["high"]) for m, _, _ in both)),
-             row("Answers ending in a `####` line (format rate)", *(fmt_pct(x["format_rate"]) for _, x, _ in both)),
+             row("Answers graded from a `####` marker (format rate)", *(fmt_pct(x["format_rate"]) for _, x, _ in both)),
              row("Mean / median tokens", *(f"{fmt_num(x['mean_tokens'], 1)} / {fmt_num(n['median'], 1)}"
                                            for _, x, n in both)),
              row("Truncated", *(fmt_pct(x["truncated_rate"]) for _, x, _ in both)),

@@ -10,6 +10,7 @@ from grpo_gsm8k.science.report_format import (fmt_count, fmt_interval, fmt_num, 
 from grpo_gsm8k.science.report_render import (TRAINING_FIGURES, ReportInputs, degenerate_sentence, design_text,
                                               figure_lines, model_name, model_parameters, reward_phrase,
                                               set_results, stat_notes, swaps)
+from grpo_gsm8k.science.rewards import VARIANTS, reward_names
 
 # The published study, quoted as the reference only, never as this run's result.
 PUBLISHED = ("Llama-3.1-8B-Instruct, 72-73/100 correct before and 92/100 after GRPO with length-gated rewards; "
@@ -58,12 +59,18 @@ def abstract(inputs: ReportInputs) -> list[str]:
 
 
 def reward_text(r) -> str:
+    """The variant's rewards in words. Only the built-in variants are known here; one of the user's own is named
+    by the reward functions it returned, not described by a guess."""
+    if r.variant not in VARIANTS:
+        names = ", ".join(f"`{name}`" for name in reward_names(r))
+        return f"- **Rewards** (reward.variant = `{r.variant}`, a variant of this run's own): {names}."
     parts = [f"correctness {fmt_param(r.correct_value)} for a correct final answer at any length (no length gate)"]
     if r.variant == "study":
+        band = "" if r.min_tokens == r.full_tokens else (
+            f"{fmt_param(r.correct_value - r.short_penalty)} (short penalty {fmt_param(r.short_penalty)}) from "
+            f"{r.min_tokens} to {r.full_tokens - 1} tokens, ")
         parts = [f"correctness {fmt_param(r.correct_value)} for a correct final answer of at least {r.full_tokens} "
-                 f"tokens, {fmt_param(r.correct_value - r.short_penalty)} (short penalty "
-                 f"{fmt_param(r.short_penalty)}) from {r.min_tokens} to {r.full_tokens - 1} tokens, and 0 under "
-                 f"{r.min_tokens} tokens (the length gates) or when wrong"]
+                 f"tokens, {band}and 0 under {r.min_tokens} tokens (the length gates) or when wrong"]
     if r.variant != "correctness_only":
         parts.append(f"format up to {fmt_param(r.format_max)} in three equal parts (a line starting with `####`, a "
                      "plain number after the last `####`, that line being the last)")
