@@ -5,6 +5,7 @@ Read statically (ast, as tests/test_dvc_deps.py does): every import statement of
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,21 @@ ALLOWED = {
                             "grpo_gsm8k.modeling", "grpo_gsm8k.contracts"},
     "grpo_gsm8k.tools": {"grpo_gsm8k.tools", "grpo_gsm8k.science", "grpo_gsm8k.contracts", "grpo_gsm8k.io",
                          "grpo_gsm8k.params"},
+}
+
+PLUMBING_OUTSIDE = {"torch", "transformers", "peft", "huggingface_hub", "tqdm"}
+# room -> the packages outside the standard library it may import (ARCHITECTURE.md's last column); tools: any
+OUTSIDE = {
+    "grpo_gsm8k.science": {"numpy", "pandas", "scipy", "statsmodels", "matplotlib", "seaborn", "markdown",
+                           "math_verify"},
+    "grpo_gsm8k.contracts": set(),
+    "grpo_gsm8k.io": set(),
+    "grpo_gsm8k.params": {"yaml"},
+    "grpo_gsm8k.fastgen": {"torch", "triton"},
+    "grpo_gsm8k.modeling": PLUMBING_OUTSIDE,
+    "grpo_gsm8k.generation": PLUMBING_OUTSIDE,
+    "grpo_gsm8k.answering": PLUMBING_OUTSIDE,
+    "grpo_gsm8k.training": {"torch", "transformers", "trl", "accelerate", "dvclive", "fsspec"},
 }
 
 
@@ -108,6 +124,16 @@ def test_science_is_pure():
     heavy = {name: sorted(outside_imports(path) & HEAVY) for name, path in library_modules().items()
              if room(name) == "grpo_gsm8k.science"}
     assert heavy and not any(heavy.values()), heavy
+
+
+def test_outside_imports_follow_the_rooms():
+    broken = []
+    for name, path in library_modules().items():
+        allowed = OUTSIDE.get(room(name))
+        outside = outside_imports(path) - set(sys.stdlib_module_names) - {"__future__"}
+        if allowed is not None and outside - allowed:
+            broken.append(f"{name} imports {sorted(outside - allowed)}")
+    assert not broken, "\n".join(broken)
 
 
 def test_no_import_cycle():

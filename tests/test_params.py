@@ -159,3 +159,16 @@ def test_preset_args_round_trip_values():
     args = set_param_args({"a.b": 5e-5, "c": "pypi:x/y.gguf", "d": False})
     assert args == ["-S", "a.b=5e-05", "-S", "c=pypi:x/y.gguf", "-S", "d=false"]
     assert "model.source" in load_preset("cpu")
+
+
+def test_preset_with_spaces_is_one_error_line_naming_write(capsys):
+    """The CPU preset's system prompt holds spaces, which `dvc exp run $(...)` would split: one line, and the way
+    that works (--write), not a traceback."""
+    from grpo_gsm8k.tools import preset
+
+    with pytest.raises(SystemExit) as exit_info:
+        preset.main(["cpu"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr()
+    assert err.out == "" and err.err.count("\n") == 1
+    assert err.err.startswith("error: ") and "contains whitespace" in err.err and "--write params.yaml" in err.err

@@ -7,7 +7,7 @@ reads the completions and writes the results is `python -m stages.stats --help`.
 Conventions: differences are tuned - base; tests are two-sided; a question is "majority correct" when more than
 half of its samples are correct (with an even number of samples a tie counts as not correct).
 Why over 300 lines: one small function per statistical test or summary, each checked against an independent
-computation in tests/test_stats.py; they share the conventions above (None p-values with a note, seeded bootstraps).
+computation in tests/test_stats.py; they share the conventions above (NaN p-values with a note, seeded bootstraps).
 """
 from __future__ import annotations
 

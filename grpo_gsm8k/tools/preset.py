@@ -47,7 +47,8 @@ def set_param_args(overrides: dict[str, object]) -> list[str]:
     for dotted, value in overrides.items():
         text = value if isinstance(value, str) else json.dumps(value)
         if any(ch.isspace() for ch in text):
-            raise ValueError(f"preset value of {dotted!r} contains whitespace; `dvc exp run $(...)` would split it")
+            raise ValueError(f"preset value of {dotted!r} contains whitespace, which `dvc exp run $(...)` would split; "
+                             "apply the preset with --write params.yaml, then run `dvc exp run`")
         args += ["-S", f"{dotted}={text}"]
     return args
 
@@ -61,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         overrides = load_preset(args.name)
         merged = apply_overrides(yaml.safe_load(args.params.read_text()), overrides)
+        set_args = None if args.write else set_param_args(overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     if args.write:
         args.write.write_text(yaml.safe_dump(merged, sort_keys=False, width=120))
     else:
-        print(" ".join(set_param_args(overrides)))
+        print(" ".join(set_args))
 
 
 if __name__ == "__main__":

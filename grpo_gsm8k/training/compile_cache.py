@@ -1,7 +1,7 @@
 """Keep torch.compile's work on disk where a later run, or a resume, finds it again.
 
-The train stage's first optimizer step compiles the decoder layers (Dynamo, AOTAutograd, Inductor, Triton): 47 s
-on an H100 at the study's shape, against ~2.9 s for every later step, and 10 s with this cache warm. Inductor and
+The train stage's first optimizer step compiles the decoder layers (Dynamo, AOTAutograd, Inductor, Triton): 28-47 s
+on an H100 at the study's shape, against ~2.7-2.9 s for every later step, and 10 s with this cache warm. Inductor and
 Triton cache what they build on disk, by default under /tmp (`/tmp/torchinductor_<user>`, which a reboot or a
 fresh container empties) and ~/.triton. `use_persistent_cache()` puts both under one directory that outlives those:
 

@@ -17,9 +17,9 @@ no real query sees a pad key, and the loss masks pad positions, so their gradien
 
     use_packed_causal_attention(model)  # on the HF causal LM, before training
 
-A forward whose rows were packed into one sequence (training/trimmed_logps.py, on CUDA) passes `sequence_bounds`
-as its attention mask instead: attention then runs per sequence, causal, on flash's variable-length kernel, so no
-position is a pad at all.
+A forward whose rows were packed into one sequence (training/trimmed_logps.py, on CUDA in half precision) passes
+`sequence_bounds` as its attention mask instead: attention then runs per sequence, causal, on flash's
+variable-length kernel, so no position is a pad at all.
 
 Everything else (a KV cache in `generate`, offsets, custom mask functions, eager attention) goes through HF's
 own SDPA mask and attention unchanged.
