@@ -42,7 +42,7 @@ from grpo_gsm8k.science.rewards import build_reward_funcs
 from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
 from grpo_gsm8k.training.compile_cache import FirstStepClock, share_through_remote, start_compile_workers
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
-from grpo_gsm8k.training.live_log import LiveLogger, restore_curves
+from grpo_gsm8k.training.live_log import LiveLogger, log_history, restore_curves
 from grpo_gsm8k.training.speedups import fast_training_overrides, speed_up_training, will_compile
 from grpo_gsm8k.training.trackers import tracker_names
 from grpo_gsm8k.training.validation import ValidationPass
@@ -180,6 +180,8 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
     sync = CheckpointSync(checkpoints, remote, keep=params.train.keep_checkpoints,
                           protect_steps=protected_steps(params))
     validation = validation_pass(params, validation_path, model_dir, sync)
+    if start_from:  # before anything uploads or prunes: the rule's checkpoint so far is kept from the start
+        validation.resume(log_history(Path(start_from)))
     first_step = FirstStepClock()
     train_seconds = None
     if resumed_step >= params.train.max_steps:

@@ -179,3 +179,82 @@ def test_a_resumed_run_keeps_protecting_the_rules_step():
                                 protected_steps=protected)
     validation.on_train_begin(None, state, None)
     assert protected == {800, 25} and validation.curve == [(0, 0.9), (25, 0.5), (50, 0.2)]
+
+
+def test_rerunning_a_finished_run_keeps_the_rules_checkpoint_and_its_passes(tmp_path):
+    """A finished run whose train stage reruns (a bookkeeping param changed, `dvc repro -f -s train`) trains nothing,
+    but still uploads leftovers and prunes: the validation rule's checkpoint must survive that, and the summary
+    must still name it and count the run's passes."""
+    from transformers import TrainerState
+
+    from tests.conftest import ONE_BATCH
+    from tests.test_checkpoint_sync import write_checkpoint
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "source.json").write_text(json.dumps({"kind": "local", "source": "tiny"}))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1?", "answer": "2", "qid": "q0"}])
+    params = load_params(write_params(tmp_path / "params.yaml", cpu_params_dict(**{
+        **ONE_BATCH, "train.max_steps": 8, "train.save_steps": 2, "train.eval_steps": 2, "train.keep_checkpoints": 2,
+        "train.checkpoint_remote": "", "select.step": 8, "select.rule": "validation", "select.validation_window": 1})))
+    paths = {"model_dir": tmp_path / "base", "data_path": tmp_path / "train.jsonl", "checkpoints": tmp_path / "ckpt",
+             "live_dir": tmp_path / "live", "summary_path": tmp_path / "summary.json"}
+    train.claim_run(paths["checkpoints"], paths["live_dir"],
+                    train.run_identity(params, paths["model_dir"], paths["data_path"]))
+    accuracy = {2: 0.9, 4: 0.2, 6: 0.3, 8: 0.4}  # the rule's step is 2
+    history = []
+    for step in range(1, 9):
+        history.append({"loss": 0.1, "reward": 0.1 * step, "step": step})
+        if step % 2 == 0:
+            history.append({"validation/accuracy": accuracy[step], "validation/seconds": 1.5, "step": step})
+        if step in (2, 6, 8):  # what the first run left: the newest 2, and the rule's step
+            checkpoint = write_checkpoint(paths["checkpoints"], step)
+            TrainerState(global_step=step, log_history=list(history)).save_to_json(
+                str(checkpoint / "trainer_state.json"))
+    summary = train.run(params, **paths)
+    assert (paths["checkpoints"] / "checkpoint-2").is_dir()
+    assert summary["validation"]["rule_step"] == 2
+    assert (summary["validation"]["passes"], summary["validation"]["seconds"]) == (4, 6.0)
+    record = select.run(params.select, paths["checkpoints"], paths["live_dir"], tmp_path / "adapter",
+                        tmp_path / "select.json", tmp_path / "selection.png")
+    assert record["step"] == 2
+
+
+class WatchedSet(set):
+    """A set that records its contents after every change: what a reader on another thread could see."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.seen = []
+
+    def _changed(self, method, *args):
+        getattr(super(), method)(*args)
+        self.seen.append(set(self))
+
+    def add(self, item):
+        self._changed("add", item)
+
+    def discard(self, item):
+        self._changed("discard", item)
+
+    def remove(self, item):
+        self._changed("remove", item)
+
+    def clear(self):
+        self._changed("clear")
+
+    def update(self, *others):
+        self._changed("update", *others)
+
+
+def test_the_protected_steps_never_lack_a_step_while_the_rules_step_moves():
+    """CheckpointSync's uploader thread prunes with this set while validation updates it: at no moment may it lack
+    select.step, nor both the rule's old and new step."""
+    from grpo_gsm8k.training.validation import ValidationPass
+
+    protected = WatchedSet({800})
+    validation = ValidationPass([], answer=None, knobs=None, every=25, window=1, protected_steps=protected)
+    validation.resume([{"step": 0, "validation/accuracy": 0.1}, {"step": 25, "validation/accuracy": 0.5}])
+    validation.curve.append((50, 0.9))  # a new best
+    validation._protect_rule_step()
+    assert protected == {800, 50} and protected.seen
+    assert all(800 in seen and seen & {25, 50} for seen in protected.seen), protected.seen

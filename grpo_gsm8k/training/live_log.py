@@ -36,10 +36,14 @@ def open_live(live_dir: Path, log_history: list[dict]):
     return live
 
 
+def log_history(checkpoint: Path) -> list[dict]:
+    """The logs of the run up to a checkpoint, as its trainer_state.json carries them."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("log_history", [])
+
+
 def restore_curves(live_dir: Path, checkpoint: Path) -> None:
     """Rewrite the live dir from a checkpoint's trainer_state.json (a finished run fetched onto a new machine)."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    open_live(live_dir, state.get("log_history", [])).end()
+    open_live(live_dir, log_history(checkpoint)).end()
 
 
 class LiveLogger(TrainerCallback):

@@ -34,18 +34,25 @@ class ValidationPass(TrainerCallback):
         self.fixed_steps = set(protected_steps)
         self.trainer: Trainer | None = None  # set by attach(); Trainer.log writes the curves
         self.curve: list[tuple[int, float]] = []
-        self.seconds = 0.0
+        self.seconds = 0.0  # this process's passes; earlier ones (before a resume) are counted apart
         self.passes = 0
+        self.earlier_seconds, self.earlier_passes = 0.0, 0
 
     def attach(self, trainer) -> ValidationPass:
         self.trainer = trainer
         return self
 
+    def resume(self, log_history: list[dict]) -> None:
+        """Take up the run's earlier points (a resume, or a finished run's rerun, which trains nothing but still
+        prunes): its best checkpoint so far must survive the next pruning too."""
+        earlier = [entry for entry in log_history if VALIDATION_ACCURACY in entry]
+        self.curve = [(entry["step"], entry[VALIDATION_ACCURACY]) for entry in earlier]
+        self.earlier_passes, self.earlier_seconds = len(earlier), sum(entry.get(SECONDS, 0.0) for entry in earlier)
+        self._protect_rule_step()
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # A resumed run brings its earlier points in log_history; a new run validates the base model first.
-        self.curve = [(entry["step"], entry[VALIDATION_ACCURACY]) for entry in state.log_history
-                      if VALIDATION_ACCURACY in entry]
-        self._protect_rule_step()  # a resumed run's best checkpoint so far must survive the next pruning too
+        self.resume(state.log_history)
         if state.global_step == 0 and self.rows:
             self._validate(model, state, control)
 
@@ -79,15 +86,21 @@ class ValidationPass(TrainerCallback):
               f"{len(records)} held-out questions ({elapsed:.1f} s); rule's step so far: {best}", flush=True)
 
     def _protect_rule_step(self) -> int | None:
-        """Keep the validation rule's current step from pruning (and release the one it pointed to before)."""
+        """Keep the validation rule's current step from pruning (and release the one it pointed to before).
+        The uploader thread reads the set while this runs: the new step goes in before the old one comes out, so
+        no read ever lacks a step that must be kept."""
         best = self.rule_step()
-        self.protected_steps.clear()
-        self.protected_steps.update(self.fixed_steps | ({best} if best is not None else set()))
+        if best is not None:
+            self.protected_steps.add(best)
+        for released in self.protected_steps - self.fixed_steps - {best}:
+            self.protected_steps.discard(released)
         return best
 
     def summary(self, train_seconds: float | None) -> dict:
-        """The validation figures the train summary reports: what it cost against the whole training time."""
-        return {"questions": len(self.rows), "passes": self.passes, "seconds": round(self.seconds, 3),
+        """The validation figures the train summary reports: the run's passes and their seconds (earlier processes'
+        included), and their share of the training time this process measured (None where it trained nothing)."""
+        return {"questions": len(self.rows), "passes": self.earlier_passes + self.passes,
+                "seconds": round(self.earlier_seconds + self.seconds, 3),
                 "share_of_training_time": self.seconds / train_seconds if train_seconds else None,
                 "rule_step": self.rule_step()}
 
