@@ -39,7 +39,7 @@ from grpo_gsm8k.modeling import DTYPES, load_tokenizer, model_location, pick_dev
 from grpo_gsm8k.params import Params, load_params
 from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_summary
 from grpo_gsm8k.science.rewards import build_reward_funcs
-from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteUnavailable, resume_path
+from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteRefused, RemoteUnavailable, resume_path
 from grpo_gsm8k.training.compile_cache import FirstStepClock, share_through_remote, start_compile_workers
 from grpo_gsm8k.training.diagnostics import UpdateNormLogger
 from grpo_gsm8k.training.live_log import LiveLogger, log_history, restore_curves
@@ -172,6 +172,10 @@ def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, liv
         resuming = claim_run(checkpoints, live_dir, identity) if state.is_main_process else True
         try:
             start_from = resume_path(checkpoints, remote) if resuming or remote else None
+        except RemoteRefused as err:
+            raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} refused our credentials "
+                             f"({err}); check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or set "
+                             "train.checkpoint_remote=\"\"") from None
         except RemoteUnavailable as err:
             raise ValueError(f"train.checkpoint_remote={params.train.checkpoint_remote!r} is unreachable ({err}); "
                              "start the server (python -m grpo_gsm8k.tools.s3server start) or set "

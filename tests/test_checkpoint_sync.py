@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,8 +22,8 @@ from safetensors.torch import save_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from grpo_gsm8k.training.checkpoint_sync import (MANIFEST, CheckpointSync, ChecksumError, RemoteStore, RemoteUnavailable,
-                                        build_manifest, fetch_checkpoint, latest_complete_checkpoint, resume_path,
-                                        write_local_manifest)
+                                        build_manifest, fetch_checkpoint, latest_complete_checkpoint,
+                                        local_checkpoints, resume_path, write_local_manifest)
 from grpo_gsm8k.tools.s3server import pid_alive
 from tests.conftest_s3 import fast_fail_options
 
@@ -157,6 +158,27 @@ def test_fetch_rejects_a_same_size_corrupted_file(tmp_path, remote, options):
         fetch_checkpoint(remote, 1, tmp_path / "fetched", options)
 
 
+def test_what_a_kill_left_behind_is_neither_listed_nor_kept(tmp_path, remote, options):
+    """kill -9 mid-write leaves a manifest's temp file (not a checkpoint file) and mid-fetch a hidden partial folder
+    (named by the dead process's pid, so no later fetch would reuse or remove it)."""
+    out = tmp_path / "out"
+    run = Run(out, new_sync(out, remote, options))
+    run.save(1)
+    run.end()
+    checkpoint = write_checkpoint(tmp_path / "other", 2)
+    (checkpoint / f".{MANIFEST}.tmp").write_text("{")
+    assert f".{MANIFEST}.tmp" not in {entry["path"] for entry in build_manifest(checkpoint, 2)["files"]}
+    fetched = tmp_path / "fetched"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (fetched / f".checkpoint-1.partial-{dead.pid}" / "optimizer.pt").parent.mkdir(parents=True)
+    (fetched / f".checkpoint-1.partial-{dead.pid}" / "optimizer.pt").write_bytes(b"half")
+    (fetched / f".checkpoint-1.partial-{os.getpid()}x").mkdir()  # not such a folder: left alone
+    fetch_checkpoint(remote, 1, fetched, options)
+    assert sorted(path.name for path in fetched.iterdir()) == [f".checkpoint-1.partial-{os.getpid()}x",
+                                                               "checkpoint-1"]
+
+
 @pytest.mark.parametrize("damage, reason", [
     ("no_trainer_state", "trainer_state.json"),  # killed mid-save: Trainer writes trainer_state.json last
     ("weights_cut", "adapter_model.safetensors"),
@@ -239,6 +261,8 @@ def test_server_down_mid_run_every_checkpoint_arrives_after_restart(s3_server, t
         "checkpoints not yet on the remote must never be pruned locally"
     with pytest.raises(RemoteUnavailable):
         latest_complete_checkpoint(out, remote, options)
+    with pytest.raises(RemoteUnavailable):  # the server gone between the listing and the manifests' reads
+        RemoteStore(remote, options).read_manifest(1)
     s3_server.start()
     run.save(4)
     run.end()
@@ -393,6 +417,26 @@ def test_a_new_run_uploads_what_the_previous_one_left_behind(tmp_path, remote, o
     assert second.sync.wait_idle(30)
     assert second.sync.uploaded == [2]  # checkpoint-1 was already complete on the remote
     assert set(remote_steps(options, remote)) == {1, 2}
+
+
+def test_a_damaged_local_checkpoint_is_neither_uploaded_nor_counted_by_pruning(tmp_path, remote, options, capfd):
+    """Same size, other bytes: the resume skipped it, so it must not reach S3 under a manifest that vouches for
+    other bytes, nor make the newest-`keep` count prune the good checkpoint the run resumed from."""
+    out = tmp_path / "out"
+    first = Run(out, new_sync(out, remote, options, keep=1))
+    first.save(1)
+    first.end()
+    damaged = write_checkpoint(out, 2)
+    write_local_manifest(damaged, build_manifest(damaged, 2))
+    flip_last_byte(damaged / "optimizer.pt")
+    capfd.readouterr()
+    second = Run(out, new_sync(out, remote, options, keep=1))
+    second.begin()
+    second.end()
+    assert second.sync.uploaded == [] and set(remote_steps(options, remote)) == {1}
+    assert sorted(local_checkpoints(out)) == [1, 2]  # the good one kept; the damaged one left for training to redo
+    lines = [line for line in capfd.readouterr().err.splitlines() if "checkpoint-2" in line]
+    assert len(lines) == 1 and "sha256" in lines[0] and "not uploading" in lines[0], lines
 
 
 def test_resume_path_fetches_from_s3_when_local_is_gone_or_older(tmp_path, remote, options):

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import s3fs
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from grpo_gsm8k.training.checkpoint_sync import CheckpointSync, RemoteStore
@@ -222,3 +223,21 @@ def test_unwritable_checkpoints_folder_is_one_line(tmp_path, case, capsys):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert str(ckpt) in err[0] and "not writable" in err[0], err[0]
     assert not paths["summary_path"].exists()
+
+
+@pytest.mark.parametrize("variable, value, says, never", [
+    ("AWS_SECRET_ACCESS_KEY", "not-the-secret", "credentials", "start the server"),  # the server answered: no
+    ("AWS_ENDPOINT_URL,AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9", "start the server", "credentials"),  # nothing listens there
+])
+def test_an_unusable_remote_is_one_error_naming_the_right_fix(tmp_path, s3_env, monkeypatch, variable, value, says,
+                                                              never):
+    params = load_params(stage_folder(tmp_path, f"s3://{s3_env.bucket}/resume-faults/{tmp_path.name}"))
+    for name in variable.split(","):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made with the old environment
+    with pytest.raises(ValueError) as error:
+        train.run(params, **stage_paths(tmp_path))
+    message = str(error.value)
+    assert "train.checkpoint_remote" in message and says in message and never not in message, message
+    assert "\n" not in message

@@ -66,6 +66,15 @@ class RemoteUnavailable(RuntimeError):
     """The remote could not be listed, so we cannot tell which checkpoint is newest."""
 
 
+class RemoteRefused(RemoteUnavailable):
+    """The remote answered, but refused our credentials (a wrong key or secret, no permission on the bucket)."""
+
+
+def unavailable(message: str, err: Exception) -> RemoteUnavailable:
+    """The error to raise for a remote that failed: one that says whether it answered and refused us."""
+    return (RemoteRefused if isinstance(err, PermissionError) else RemoteUnavailable)(f"{message}: {first_line(err)}")
+
+
 def warn(message: str) -> None:
     """One line on stderr: a fault we work around, which the user should still see (logging may be off)."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
@@ -81,7 +90,8 @@ def sha256_file(path: Path) -> str:
 
 
 def build_manifest(ckpt_dir: Path, step: int) -> dict:
-    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    # The manifest's temp file is no checkpoint file: a kill while writing it leaves it behind.
+    files = sorted(p for p in ckpt_dir.rglob("*") if p.is_file() and p.name not in (MANIFEST, f".{MANIFEST}.tmp"))
     entries = [{"path": p.relative_to(ckpt_dir).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
                for p in files]
     return {"format": 1, "step": step, "files": entries}
@@ -191,7 +201,7 @@ class RemoteStore:
         except FileNotFoundError:
             return {}
         except Exception as err:
-            raise RemoteUnavailable(f"cannot list {self.uri}: {err}") from err
+            raise unavailable(f"cannot list {self.uri}", err) from err
         return {p[len(self.root) + 1:]: info["size"] for p, info in found.items()}
 
     @staticmethod
@@ -216,6 +226,8 @@ class RemoteStore:
             manifest = json.loads(self.fs.cat_file(self.path(step, MANIFEST)))
         except (FileNotFoundError, ValueError):
             return None
+        except Exception as err:  # the server gone since the listing: as unknown as a failed listing
+            raise unavailable(f"cannot read {self.uri}/checkpoint-{step}/{MANIFEST}", err) from err
         valid = isinstance(manifest, dict) and manifest.get("step") == step and isinstance(manifest.get("files"), list)
         return manifest if valid else None
 
@@ -263,6 +275,7 @@ class CheckpointSync(TrainerCallback):
         self.uploaded: list[int] = []  # steps in upload order, for logs and tests
         self.failed_attempts = 0  # drains that stopped on an error, over the whole run
         self._pending: set[int] = set()
+        self._damaged: set[int] = set()  # local folders whose bytes fail their manifest: never uploaded or counted
         self._lock = threading.Lock()
         self._wake, self._idle = threading.Event(), threading.Event()
         self._idle.set()
@@ -289,6 +302,8 @@ class CheckpointSync(TrainerCallback):
             return
         # A resumed run may overwrite this step's folder: its old manifest no longer describes it.
         (ckpt_dir / MANIFEST).unlink(missing_ok=True)
+        with self._lock:
+            self._damaged.discard(state.global_step)  # saved anew
         self.enqueue(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -297,8 +312,22 @@ class CheckpointSync(TrainerCallback):
 
     # -- also called directly by a run with nothing left to train --
     def upload_leftovers(self) -> None:
-        """Queue every complete local checkpoint: a previous run may have died before uploading its last ones."""
-        done = [s for s, d in local_checkpoints(self.output_dir).items() if local_is_complete(d, s, verify_hashes=False)]
+        """Queue every complete local checkpoint: a previous run may have died before uploading its last ones.
+
+        Hashes are checked here, once a run. A folder whose bytes no longer match its manifest (the resume skipped
+        it) would reach the remote under a manifest vouching for other bytes, and count among the newest `keep`,
+        so pruning could delete the good checkpoint the run resumed from: it is left alone, and training saves
+        that step again."""
+        done = []
+        for step, ckpt_dir in local_checkpoints(self.output_dir).items():
+            if not local_is_complete(ckpt_dir, step, verify_hashes=False):
+                continue  # cut short while saving: never counted, as before
+            if (problem := local_problem(ckpt_dir, step, verify_hashes=True)) is not None:
+                warn(f"{ckpt_dir} is damaged ({problem}); not uploading it, nor counting it when pruning")
+                with self._lock:
+                    self._damaged.add(step)
+                continue
+            done.append(step)
         self.enqueue(*done)
 
     def finish(self) -> None:
@@ -399,8 +428,10 @@ class CheckpointSync(TrainerCallback):
         for step in set(remote) - newest(remote, self.keep) - self.protect_steps:
             self._store.delete(step)
             logger.info("pruned remote checkpoint-%d", step)
+        with self._lock:
+            damaged = set(self._damaged)
         local = {s: d for s, d in local_checkpoints(self.output_dir).items()
-                 if local_is_complete(d, s, verify_hashes=False)}
+                 if s not in damaged and local_is_complete(d, s, verify_hashes=False)}
         with self._lock:
             kept = newest(local, self.keep) | self.protect_steps | self._pending
         for step, ckpt_dir in local.items():
@@ -439,6 +470,25 @@ def latest_complete_checkpoint(output_dir: str | Path, remote_uri: str | None,
     return best_local
 
 
+def remove_dead_partials(dest_dir: Path, step: int) -> None:
+    """Delete the hidden download folders of fetches whose process died (kill -9): each is named by its pid, so
+    no later fetch would reuse or remove it, and it would sit in the DVC-tracked checkpoints folder for good."""
+    for folder in dest_dir.glob(f".checkpoint-{step}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def fetch_checkpoint(remote_uri: str, step: int, dest_dir: str | Path, storage_options: dict | None = None) -> Path:
     """Download `<remote>/checkpoint-<step>` into `dest_dir/checkpoint-<step>`, verified against its manifest.
 
@@ -451,6 +501,7 @@ def fetch_checkpoint(remote_uri: str, step: int, dest_dir: str | Path, storage_o
     target = Path(dest_dir) / f"checkpoint-{step}"
     if read_local_manifest(target, verify_hashes=True) == manifest:
         return target  # already here, e.g. fetched by the main process first
+    remove_dead_partials(Path(dest_dir), step)
     partial = Path(dest_dir) / f".checkpoint-{step}.partial-{os.getpid()}"
     try:
         for entry in manifest["files"]:
@@ -489,5 +540,5 @@ def resume_path(output_dir: str | Path, remote_uri: str | None, storage_options:
                 with contextlib.suppress(Exception):  # e.g. read-only credentials: it is skipped anyway
                     store.drop_manifest(step)
             except Exception as err:  # the network or the server, as for a listing
-                raise RemoteUnavailable(f"cannot download {store.uri}/checkpoint-{step}: {first_line(err)}") from err
+                raise unavailable(f"cannot download {store.uri}/checkpoint-{step}", err) from err
     return str(local[0]) if local else None
