@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 POINTER_FILE = "source.json"
+ORIGIN_FILE = "origin.json"  # beside converted weights: which GGUF they came from (its sha256)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +70,8 @@ def prepare_base(source: str, revision: str, out_dir: Path) -> dict:
     if resolved.kind == "gguf":
         convert_gguf(Path(resolved.location), out_dir)
         record = {"kind": "gguf", "source": source, "sha256": _sha256(Path(resolved.location))}
+        # Two quantisations of one model dequantise to files of the same names and sizes: this tells them apart.
+        (out_dir / ORIGIN_FILE).write_text(json.dumps(record, indent=2) + "\n")
     else:
         record = {"kind": resolved.kind, "source": resolved.location, "revision": revision}
         if resolved.kind == "local":

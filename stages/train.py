@@ -58,14 +58,20 @@ def run_identity(params: Params, model_dir: Path, data_path: Path) -> dict:
                         "accelerate_config", "compile", "report_to"):
         shaping.pop(bookkeeping)
     identity = {"seed": params.seed, "train": shaping, "reward": dataclasses.asdict(params.reward),
-                "engine": params.generation.engine, "model": _digest_folder_meta(model_dir),
+                "engine": params.generation.engine, "model": _digest_base_model(model_dir),
                 "data": hashlib.sha256(data_path.read_bytes()).hexdigest()}
     identity["run_id"] = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return identity
 
 
-def _digest_folder_meta(folder: Path) -> str:
-    entries = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+SMALL_FILE = 1 << 20  # read whole: pointers and records (source.json, origin.json), configs, tokenizers
+
+
+def _digest_base_model(folder: Path) -> str:
+    """Names and sizes of models/base's files, and the contents of the small ones. Weights are not read (16 GB),
+    but the small files change with them: a hub pointer's commit, a local folder's fingerprint, a GGUF's sha256."""
+    entries = sorted((p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()
+                      if p.stat().st_size <= SMALL_FILE else None) for p in folder.iterdir() if p.is_file())
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 

@@ -1,9 +1,11 @@
 """Smoke runs of each stage's run() on CPU, and their bad-input errors (one line, nothing left behind)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -14,7 +16,7 @@ from grpo_gsm8k.modeling import ModelSourceError, model_location, prepare_base, 
 from grpo_gsm8k.params import load_params
 from grpo_gsm8k.training.checkpoint_sync import RemoteStore
 from stages import baseline, data, evaluate, select, stats, train
-from tests.conftest import ONE_BATCH, REPO, cpu_params_dict, write_params
+from tests.conftest import ONE_BATCH, REPO, SMOLLM, cpu_params_dict, write_params
 from tests.rewards_for_tests import TOKEN_VARIANT
 from tests.test_resume import MOVED, TOLERANCE, distance_from_init, max_difference
 
@@ -81,6 +83,30 @@ def test_gguf_conversion_is_a_plain_trainable_folder(smollm_dir):
     config = json.loads((smollm_dir / "config.json").read_text())
     assert "quantization_config" not in config
     assert (smollm_dir / "model.safetensors").is_file() and (smollm_dir / "tokenizer.json").is_file()
+    origin = json.loads((smollm_dir / "origin.json").read_text())  # which GGUF, byte for byte: the run's identity
+    gguf = Path(resolve_source(SMOLLM).location)
+    assert origin["kind"] == "gguf" and origin["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("source.json", {"kind": "hub", "source": "org/model", "revision": "0" * 40},
+     {"kind": "hub", "source": "org/model", "revision": "1" * 40}),  # a new hub commit, same file size
+    ("origin.json", {"kind": "gguf", "source": "a.gguf", "sha256": "0" * 64},
+     {"kind": "gguf", "source": "b.gguf", "sha256": "1" * 64}),  # another GGUF: dequantised to the same sizes
+])
+def test_another_base_model_is_another_training_run(tmp_path, name, first, second):
+    """The run id decides whether old checkpoints are resumed: a base model that changed only in content (not in
+    file names or sizes) must not resume, or count as finished, the run trained on the old one."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "1+1?", "answer": "2", "qid": "q0"}\n')
+    params = load_params(write_params(tmp_path / "params.yaml", cpu_params_dict()))
+    ids = []
+    for index, record in enumerate((first, second)):
+        folder = tmp_path / f"base{index}"
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(record))
+        ids.append(train.run_identity(params, folder, data)["run_id"])
+    assert len(json.dumps(first)) == len(json.dumps(second)) and ids[0] != ids[1]
 
 
 @pytest.mark.slow
