@@ -10,6 +10,7 @@ and the loader that names unknown, missing and mistyped keys; together they are 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from grpo_gsm8k.science.rewards import RewardKnobs
 
 # step: select.step, chosen by hand (the study); validation: the best smoothed validation accuracy
 SELECT_RULES = ("step", "validation")
+# TRL 1.16's GRPOConfig.loss_type values: TRL itself checks the name only inside compute_loss, after model loading
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 
 class ParamsError(ValueError):
     """A param is unknown, missing or out of range; the message names it and the fix."""
@@ -99,6 +102,7 @@ class LoraParams:
 
     def validate(self) -> None:
         _check(self.r >= 1, f"train.lora.r={self.r} must be >= 1")
+        _check(self.alpha >= 1, f"train.lora.alpha={self.alpha} must be >= 1 (LoRA scales its update by alpha / r)")
         _check(0 <= self.dropout < 1, f"train.lora.dropout={self.dropout} must be in [0, 1)")
 
 
@@ -145,8 +149,14 @@ class TrainParams:
                f"train.gradient_accumulation_steps={self.gradient_accumulation_steps} must be divisible by "
                f"train.num_processes={self.num_processes} to keep {completions} completions per optimizer step; "
                "change either")
+        for name in ("learning_rate", "beta", "temperature"):
+            _check(math.isfinite(getattr(self, name)), f"train.{name}={getattr(self, name)} must be finite")
         _check(self.learning_rate > 0, f"train.learning_rate={self.learning_rate} must be > 0")
         _check(self.beta >= 0, f"train.beta={self.beta} must be >= 0")
+        _check(self.temperature > 0, f"train.temperature={self.temperature} must be > 0 (GRPO samples a group of "
+               "different completions per prompt)")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check_choice("train.loss_type", self.loss_type, LOSS_TYPES)
         _check(self.checkpoint_remote == "" or self.checkpoint_remote.startswith("s3://"),
                f"train.checkpoint_remote={self.checkpoint_remote!r} must be an s3:// URI or \"\" for local only")
         _check(self.gradient_checkpointing in (True, False, "auto"),
@@ -208,6 +218,7 @@ class Params:
     report: ReportParams
 
     def validate(self) -> None:
+        _check(0 <= self.seed < 2**32, f"seed={self.seed} must be in [0, 2**32) (numpy and torch seed ranges)")
         for section in dataclasses.fields(self):
             value = getattr(self, section.name)
             if hasattr(value, "validate"):
@@ -231,6 +242,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ParamsError(_yaml_problem(path, err)) from None
+    return params_from_dict(raw)
+
+
+def params_from_dict(raw: object) -> Params:
+    """Params from an already-parsed params.yaml (e.g. one a preset was applied to), checked as load_params does."""
     params = _build(Params, raw, "")
     params.validate()
     return params

@@ -126,6 +126,18 @@ def protected_steps(params: Params) -> set[int]:
     return {params.select.step}
 
 
+def unsaved_select_step(params: Params) -> str | None:
+    """Why select.step will have no checkpoint for select.rule=step, or None: a warning before hours of training
+    (the select stage fails on it after them; checkpoints are saved every save_steps and at max_steps)."""
+    step, train = params.select.step, params.train
+    if params.select.rule != "step" or (step <= train.max_steps and (step % train.save_steps == 0
+                                                                      or step == train.max_steps)):
+        return None
+    return (f"select.step={step} will have no checkpoint (train.max_steps={train.max_steps}, train.save_steps="
+            f"{train.save_steps}), so the select stage will fail; pick a saved step, e.g. select.step="
+            f"{min(train.max_steps, step // train.save_steps * train.save_steps or train.save_steps)}")
+
+
 def validation_pass(params: Params, validation_path: Path | None, model_dir: Path,
                     sync: CheckpointSync) -> ValidationPass:
     """None for validation_path runs no pass (library callers and tests that train a few steps); the stage always
@@ -170,6 +182,8 @@ def build_trainer(params: Params, model_dir: Path, data_path: Path, checkpoints:
 def run(params: Params, model_dir: Path, data_path: Path, checkpoints: Path, live_dir: Path,
         summary_path: Path, validation_path: Path | None = None) -> dict:
     identity = run_identity(params, model_dir, data_path)
+    if problem := unsaved_select_step(params):
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
     # First use of accelerate's process state: it must know about CPU now, or it never opens the gloo group.
     state = PartialState(cpu=pick_device(params.model.device) == "cpu")
     remote = f"{params.train.checkpoint_remote.rstrip('/')}/{identity['run_id']}" \
@@ -240,6 +254,11 @@ def curve_summary(live_dir: Path) -> dict:
 
 def relaunch_under_accelerate(params: Params, argv: list[str]) -> int:
     """Run this stage again as `num_processes` workers; each accumulates 1/N of the steps (same batch per step)."""
+    config = Path(params.train.accelerate_config)
+    if not config.is_file():
+        beside = ", ".join(sorted(str(p) for p in config.parent.glob("*.yaml"))) if config.parent.is_dir() else ""
+        raise ValueError(f"train.accelerate_config={str(config)!r} is not a file; name an accelerate config file"
+                         + (f", e.g. one of: {beside}" if beside else ""))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", params.train.accelerate_config,
                "--main_process_port", os.environ.get("GRPO_GSM8K_PORT", "29517"),
                "--num_processes", str(params.train.num_processes), "-m", "stages.train", *argv]

@@ -44,6 +44,13 @@ def test_cpu_preset_loads(tmp_path):
     ({"stats.alpha": 1.5}, "stats.alpha=1.5 must be in (0, 1)"),
     ({"train.learning_rate": "fast"}, "train.learning_rate='fast' has the wrong type"),
     ({"train.compile": "yes"}, "train.compile='yes' must be true, false or auto"),
+    ({"train.temperature": 0}, "train.temperature=0.0 must be > 0"),  # greedy rollouts: every group the same
+    ({"train.warmup_steps": -5}, "train.warmup_steps=-5 must be >= 0"),
+    ({"train.lora.alpha": 0}, "train.lora.alpha=0 must be >= 1"),
+    ({"seed": -1}, "seed=-1 must be in [0, 2**32)"),  # else transformers' set_seed fails once the trainer is built
+    ({"train.loss_type": "nonsense"}, "train.loss_type='nonsense' is not one of"),  # TRL checks it in compute_loss
+    ({"train.learning_rate": float("inf")}, "train.learning_rate=inf must be finite"),
+    ({"train.beta": float("nan")}, "train.beta=nan must be finite"),
     # the length gate above the longest completion: the correctness reward could never pay
     ({"reward.min_tokens": 129, "reward.full_tokens": 129, "train.max_completion_length": 128},
      "reward.min_tokens=129 is above train.max_completion_length=128"),
@@ -172,3 +179,33 @@ def test_preset_with_spaces_is_one_error_line_naming_write(capsys):
     err = capsys.readouterr()
     assert err.out == "" and err.err.count("\n") == 1
     assert err.err.startswith("error: ") and "contains whitespace" in err.err and "--write params.yaml" in err.err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train.lora: 8\n", "'train.lora' names a whole section"),  # would replace the section with a number
+    ("train:\n  max_steps: 5\n", "'train' names a whole section"),  # nested: would drop every other train key
+    ("train.max_steps: -5\n", "train.max_steps=-5 must be >= 1"),  # the merged params are validated
+    ("train.max_steps: [1,\n", "not valid YAML"),
+    ("- train.max_steps\n", "must be a mapping of dotted keys"),
+])
+def test_a_malformed_preset_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capsys, text, message):
+    from grpo_gsm8k.tools import preset
+
+    (tmp_path / "bad.yaml").write_text(text)
+    monkeypatch.setattr(preset, "PRESETS_DIR", tmp_path)
+    for write in ([], ["--write", str(tmp_path / "out.yaml")]):
+        with pytest.raises(SystemExit):
+            preset.main(["bad", "--params", str(REPO / "params.yaml"), *write])
+        err = capsys.readouterr()
+        assert err.out == "" and err.err.count("\n") == 1 and message in err.err, err.err
+    assert not (tmp_path / "out.yaml").exists()
+
+
+def test_preset_args_survive_dvcs_yaml_reading():
+    """`-S key=value` values are read back as YAML by dvc: a string that looks like a number stays a string, and a
+    list carries no space for the shell to split."""
+    overrides = {"model.revision": "1234", "train.lora.target_modules": ["q_proj", "v_proj"], "a": "true"}
+    args = set_param_args(overrides)
+    assert args == ["-S", 'model.revision="1234"', "-S", 'train.lora.target_modules=["q_proj","v_proj"]',
+                    "-S", 'a="true"']
+    assert {arg.split("=", 1)[0]: yaml.safe_load(arg.split("=", 1)[1]) for arg in args[1::2]} == overrides

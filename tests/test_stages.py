@@ -224,3 +224,34 @@ def test_select_names_the_saved_steps(tmp_path):
 ])
 def test_reward_peak_rule(curve, saved, window, expected):
     assert select.reward_peak_step(curve, saved, window) == expected
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    ({"select.step": 16, "train.max_steps": 16, "train.save_steps": 4}, None),  # the CPU preset
+    ({"select.step": 800, "train.max_steps": 1500, "train.save_steps": 25, "train.eval_steps": 50}, None),  # study
+    ({"select.step": 15, "train.max_steps": 15, "train.save_steps": 4}, None),  # the last step is always saved
+    ({"select.step": 800, "train.max_steps": 490, "train.save_steps": 25, "train.eval_steps": 50},
+     "select.step=490"),  # beyond the run: its last step is saved
+    ({"select.step": 810, "train.max_steps": 1500, "train.save_steps": 25, "train.eval_steps": 50},
+     "select.step=800"),  # between saves
+    ({"select.step": 3, "train.max_steps": 16, "train.save_steps": 4}, "select.step=4"),  # before the first save
+    ({"select.step": 810, "select.rule": "validation", "train.max_steps": 1500, "train.save_steps": 25,
+      "train.eval_steps": 50}, None),  # the validation rule picks a saved step itself
+])
+def test_a_select_step_without_a_checkpoint_is_warned_before_training(tmp_path, overrides, warned):
+    params = load_params(write_params(tmp_path / "p.yaml", cpu_params_dict(**overrides)))
+    problem = train.unsaved_select_step(params)
+    assert (problem is None) if warned is None else (warned in problem and "no checkpoint" in problem), problem
+
+
+def test_a_missing_accelerate_config_is_one_error_line(tmp_path, capsys):
+    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{
+        "train.num_processes": 2, "train.accelerate_config": "configs/accelerate/dpp.yaml"}))
+    folders = [arg for name in ("model", "data", "validation", "checkpoints", "live", "summary")
+               for arg in (f"--{name}", str(tmp_path / name))]
+    with pytest.raises(SystemExit):
+        train.main(["--params", str(params), *folders])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.accelerate_config='configs/accelerate/dpp.yaml' is not a file" in err, err
+    assert "configs/accelerate/ddp.yaml" in err
+    assert not any((tmp_path / name).exists() for name in ("checkpoints", "live", "summary"))

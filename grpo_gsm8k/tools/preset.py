@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_gsm8k.params import params_from_dict
+
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"  # the project root, two folders up
 
 
@@ -23,7 +25,14 @@ def load_preset(name: str, presets_dir: Path = PRESETS_DIR) -> dict[str, object]
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in presets_dir.glob("*.yaml")))
         raise ValueError(f"preset {name!r} not found in {presets_dir}; choose one of: {known}")
-    return yaml.safe_load(path.read_text()) or {}
+    try:
+        overrides = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(err).split())}); fix that file") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{path} must be a mapping of dotted keys to values (train.max_steps: 16), "
+                         f"not a {type(overrides).__name__}; fix that file")
+    return overrides
 
 
 def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
@@ -37,15 +46,22 @@ def apply_overrides(params: dict, overrides: dict[str, object]) -> dict:
                 raise ValueError(f"preset key {dotted!r} does not name a param in params.yaml; fix the preset")
         if leaf not in node:
             raise ValueError(f"preset key {dotted!r} does not name a param in params.yaml; fix the preset")
+        # Setting a section whole would drop its other keys (or put a number where a section belongs); the
+        # evaluation sets are the exception, their names being the user's choice.
+        if isinstance(node[leaf], dict) and not (dotted + ".").startswith("evaluation.sets."):
+            raise ValueError(f"preset key {dotted!r} names a whole section; set its keys one by one "
+                             f"({dotted}.{next(iter(node[leaf]), 'key')}: ...)")
         node[leaf] = value
     return merged
 
 
 def set_param_args(overrides: dict[str, object]) -> list[str]:
-    """`-S key=value` pairs; values are JSON so dvc reads numbers, booleans and strings back unchanged."""
+    """`-S key=value` pairs, each value written so that dvc, which reads it as YAML, gets it back unchanged: JSON
+    without spaces for numbers, booleans and lists; a string bare unless YAML would read it as something else."""
     args = []
     for dotted, value in overrides.items():
-        text = value if isinstance(value, str) else json.dumps(value)
+        compact = json.dumps(value, separators=(",", ":"))
+        text = value if isinstance(value, str) and yaml.safe_load(value) == value else compact
         if any(ch.isspace() for ch in text):
             raise ValueError(f"preset value of {dotted!r} contains whitespace, which `dvc exp run $(...)` would split; "
                              "apply the preset with --write params.yaml, then run `dvc exp run`")
@@ -60,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", type=Path, help="write params with the preset applied to this file")
     args = parser.parse_args(argv)
     try:
-        overrides = load_preset(args.name)
+        overrides = load_preset(args.name, PRESETS_DIR)
         merged = apply_overrides(yaml.safe_load(args.params.read_text()), overrides)
+        params_from_dict(merged)  # a preset that would only fail in a stage fails here, before any run
         set_args = None if args.write else set_param_args(overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
