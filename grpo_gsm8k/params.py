@@ -61,7 +61,8 @@ class EvaluationParams:
     def validate(self) -> None:
         _check(bool(self.sets), "evaluation.sets is empty; name at least one set, e.g. study: {questions: 20, samples: 5}")
         for name, eval_set in self.sets.items():
-            _check(name.isidentifier(), f"evaluation.sets name {name!r} must be a plain identifier like 'study'")
+            _check(isinstance(name, str) and name.isidentifier(),  # YAML reads `1:` and `yes:` as no string
+                   f"evaluation.sets name {name!r} must be a plain identifier like 'study'")
             eval_set.validate(name)
 
 
@@ -239,7 +240,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the repository root or pass --params <file>")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ParamsError(_yaml_problem(path, err)) from None
     return params_from_dict(raw)
@@ -250,6 +251,21 @@ def params_from_dict(raw: object) -> Params:
     params = _build(Params, raw, "")
     params.validate()
     return params
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML would keep the last silently (and dvc refuses
+    the file), so `max_steps: 1500` above `max_steps: 10` would train 10 steps."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(path: Path, err: yaml.YAMLError) -> str:
@@ -266,7 +282,7 @@ def _build(cls, raw, prefix: str):
     if not isinstance(raw, dict):
         raise ParamsError(f"{prefix.rstrip('.') or 'params'} must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)  # YAML keys need not be strings
     if unknown:
         raise ParamsError(f"unknown param {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)

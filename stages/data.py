@@ -36,7 +36,8 @@ def load_gsm8k(source: str, hub_config: str) -> dict:
         return {split: read_jsonl(path, keys=("question", "answer"), fix=f"fix that line of data.source={source!r} "
                                   "or point data.source at an intact GSM8K folder (the shipped data/gsm8k)")
                 for split, path in files.items()}
-    if folder.suffix or source.startswith((".", "/")):
+    # A path, not a hub id ("org/name"): it has a suffix, starts like a path, or its folder exists here.
+    if folder.suffix or source.startswith((".", "/")) or (folder.parent != Path(".") and folder.parent.is_dir()):
         raise FileNotFoundError(f"data.source={source!r} does not exist; fix the path or use 'openai/gsm8k'")
     from datasets import load_dataset  # the hub path only: importing it costs seconds
 

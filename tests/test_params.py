@@ -121,6 +121,7 @@ BAD_YAML = [
     ("seed: 42\ntrain:\n  max_steps: [1, 2\n", "4:1"),  # unclosed list, seen at the end of the file
     ("seed: 42\ndata:\n  source: a\n   hub_config: main\n", "4:14"),  # a mis-indented key
     ("seed: 42\n\tdata: {}\n", "2:1"),  # a tab as indentation
+    ("seed: 42\ntrain:\n  max_steps: 1500\n  max_steps: 10\n", "4:3"),  # a key twice: dvc refuses it, so must we
 ]
 
 
@@ -209,3 +210,16 @@ def test_preset_args_survive_dvcs_yaml_reading():
     assert args == ["-S", 'model.revision="1234"', "-S", 'train.lora.target_modules=["q_proj","v_proj"]',
                     "-S", 'a="true"']
     assert {arg.split("=", 1)[0]: yaml.safe_load(arg.split("=", 1)[1]) for arg in args[1::2]} == overrides
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p["evaluation"]["sets"].update({1: {"questions": 5, "samples": 1}}), "evaluation.sets name 1"),
+    (lambda p: p["evaluation"]["sets"].update({True: {"questions": 5, "samples": 1}}), "evaluation.sets name True"),
+    (lambda p: p.update({1: "x", "foo": "y"}), "unknown param 1"),  # keys of mixed types: no sorting error
+])
+def test_odd_yaml_keys_are_one_line(tmp_path, change, message):
+    params = cpu_params_dict()
+    change(params)
+    with pytest.raises(ParamsError) as err:
+        load_params(write_params(tmp_path / "p.yaml", params))
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -50,12 +50,14 @@ def test_data_stage_writes_prompts_and_seeded_samples(tmp_path):
         (tmp_path / "prepared" / "eval" / "study.jsonl").read_bytes()
 
 
-def test_data_stage_missing_source_fails_cleanly(tmp_path):
-    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{"data.source": str(tmp_path / "nowhere")}))
+@pytest.mark.parametrize("source", ["{tmp}/nowhere", "data/gsm9k"])  # a relative typo is no hub dataset id
+def test_data_stage_missing_source_fails_cleanly(tmp_path, source):
+    source = source.format(tmp=tmp_path)
+    params = write_params(tmp_path / "p.yaml", cpu_params_dict(**{"data.source": source}))
     done = subprocess.run([sys.executable, "-m", "stages.data", "--params", str(params), "--out",
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"error: data.source={str(tmp_path / 'nowhere')!r} does not exist; "
+    assert done.stderr.strip().splitlines() == [f"error: data.source={source!r} does not exist; "
                                                 "fix the path or use 'openai/gsm8k'"]
     assert not (tmp_path / "out").exists()
 
