@@ -163,6 +163,17 @@ def test_no_experiments_is_one_error_line(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_out_naming_the_figure_is_one_error_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """The figure goes beside the table as <out>.png: an --out ending in .png would make both one file."""
+    monkeypatch.setattr(variants, "read_exp_show", lambda repo, all_commits: exp_show())
+    monkeypatch.setattr(variants, "read_lengths", lambda repo, rev, set_name: LENGTHS[rev])
+    with pytest.raises(SystemExit):
+        variants.main(["--out", str(tmp_path / "variants.png")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and "variants.md" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_outside_a_dvc_repository_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="dvc exp show --json` failed"):
         variants.read_exp_show(tmp_path, all_commits=False)

@@ -199,7 +199,8 @@ VariantFunc = Callable[[RewardKnobs], list[RewardFunc]]
 
 # Adding a variant = one function above and one name here; or, without editing this file, a function of the same
 # shape in your own module, selected as reward.variant=package.module:function. Declare that module's file in
-# dvc.yaml's train deps, or editing it will not rerun training.
+# the deps of dvc.yaml's train, baseline and evaluate stages (each computes the rewards), or editing it will not
+# rerun them.
 VARIANTS: dict[str, VariantFunc] = {
     "study": study_variant,
     "naive": naive_variant,

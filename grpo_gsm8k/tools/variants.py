@@ -358,6 +358,9 @@ def _plot_lengths(ax, rows: list[dict], lengths: dict, labels: list[str]) -> Non
 
 
 def run(repo: Path, out: Path, set_name: str = "study", all_commits: bool = False) -> list[dict]:
+    if out.suffix == ".png":  # the figure is written beside the table under that very name
+        raise ValueError(f"--out {out} names the figure; give the Markdown table's path (e.g. {out.with_suffix('.md')}"
+                         "), and the figure goes beside it")
     paths = metric_paths(repo, set_name)
     rows, skipped = variant_rows(collect_experiments(read_exp_show(repo, all_commits)), paths)
     if not rows:
