@@ -39,6 +39,8 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 MODEL_CARD = "README.md"  # the Hugging Face model card, read by the hub when the folder is uploaded
 SELECT_KEYS = ("step", "reason", "rule", "rule_step", "validation_rule", "validation_step", "validation_accuracy",
                "validation_points", "saved_steps", "checkpoint")
+# select.json's validation_accuracy keys, one per candidate step; the figure's and the report's labels
+SELECT_CANDIDATES = ("select.step", "validation rule", "reward rule")
 SELECTION_FIGURE = "selection.png"  # the select stage's figure, inside the report's figures folder
 
 # stats stage -> results/stats/<set>.json, <set>-swaps.json, <set>-metrics.json and reports/figures/<set>/

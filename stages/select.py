@@ -18,14 +18,13 @@ import json
 import shutil
 from pathlib import Path
 
-from grpo_gsm8k.contracts import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, read_metric
+from grpo_gsm8k.contracts import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, SELECT_CANDIDATES, read_metric
 from grpo_gsm8k.io import atomic_file, fail, write_json
 from grpo_gsm8k.params import SelectParams, load_params
 from grpo_gsm8k.science.selection import VALIDATION_ACCURACY, best_validation_step, reward_peak_step, value_at
 from grpo_gsm8k.science.selection_figure import plot_selection
 from grpo_gsm8k.training.checkpoint_sync import local_checkpoints, local_is_complete
 
-CANDIDATES = ("select.step", "validation rule", "reward rule")  # the figure's and the report's labels
 
 
 def canonical_adapter_config(path: Path) -> dict:
@@ -62,7 +61,7 @@ def run(select: SelectParams, checkpoints: Path, live_dir: Path, adapter_dir: Pa
     missing = [name for name in ADAPTER_FILES if not (chosen / name).is_file()]
     if missing:
         raise ValueError(f"{chosen} lacks {missing[0]}; it is not a LoRA checkpoint, rerun the train stage")
-    candidates = dict(zip(CANDIDATES, (select.step, validation_step, rule_step)))
+    candidates = dict(zip(SELECT_CANDIDATES, (select.step, validation_step, rule_step)))
     record = {
         "step": step,
         "reason": reason,

@@ -115,7 +115,7 @@ def build_tree(root: Path) -> Path:
          "rule_step": 4, "validation_rule": "the best 2-point moving average of the validation accuracy",
          "validation_step": 4, "validation_accuracy": {"select.step": 0.25, "validation rule": 0.3125,
                                                        "reward rule": 0.3125},
-         "validation_points": 3, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}))
+         "validation_points": 3, "saved_steps": [4, 8], "checkpoint": "checkpoint-8"}, sort_keys=True))  # as io does
     plot_selection(root / "reports" / "figures" / SELECTION_FIGURE, [(0, 0.125), (4, 0.3125), (8, 0.25)],
                    [(1, 0.5), (4, 0.75), (8, 0.5)], {"select.step": 8, "validation rule": 4, "reward rule": 4},
                    chosen="select.step", windows={"validation": 2, "reward": 3})
@@ -209,6 +209,9 @@ def test_metrics_and_params_reach_the_report(rendered, tree):
     assert f"rank {t.lora.r}, alpha {t.lora.alpha}" in md and f"learning rate {fmt.fmt_param(t.learning_rate)}" in md
     assert f"from {r.min_tokens} to {r.full_tokens - 1} tokens" in md and "resumed from step 4" in md
     assert "picks step 4; it is reported beside the choice, not used" in section(md, "Checkpoint selection")
+    # each candidate beside its own validation accuracy (select.json's keys are sorted, not in the table's order)
+    assert "| select.step (the study's rule: by hand) | 16 | 25.0% |" in section(md, "Checkpoint selection")
+    assert "| training-reward rule | 4 | 31.2% | no |" in section(md, "Checkpoint selection")
 
 
 def test_undefined_p_values_are_shown_with_their_reason(rendered):
@@ -299,7 +302,9 @@ def test_big_sets_list_only_the_swapped_questions(rendered, tree):
 
 
 @pytest.mark.parametrize("value, text", [(0.00004, "<1e-4"), (0.0004, "0.0004"), (0.02564, "0.0256"),
-                                         (1.0, "1.0000"), (None, "n/a"), (float("nan"), "n/a")])
+                                         (1.0, "1.0000"), (None, "n/a"), (float("nan"), "n/a"),
+                                         (0.04996, "0.04996"), (0.0099996, "0.0099996"),  # never rounded onto alpha
+                                         (0.05, "0.0500"), (0.05004, "0.0500")])  # at or above it: no need
 def test_fmt_p(value, text):
     assert fmt.fmt_p(value) == text
 
@@ -330,7 +335,38 @@ def test_no_signal_sentence_for_a_run_whose_groups_all_had_zero_spread(tree, tmp
     shutil.copytree(tree, copy)
     write_summary(copy, NO_SIGNAL)
     training = section(run_report(copy)[0], "Training")
-    assert NO_SIGNAL_WORDS in training and "the adapter barely changed (LoRA update norm 0)" in training
+    assert NO_SIGNAL_WORDS in training and "the adapter did not move from its initialisation (LoRA update norm 0)" \
+        in training
+
+
+# zero_std_share, lora_update_norm: what the training section must say, and must not
+SIGNAL_TEXT_CASES = [
+    (0.95, 0.8, ["**No learning signal**", "95.0% of groups had identical rewards"], ["barely changed", "0.8"]),
+    (0.2, 0.0, ["**No learning signal**", "did not move", "LoRA update norm 0)"], ["identical rewards"]),
+    (1.0, 0.0, ["100.0% of groups had identical rewards", "did not move"], []),
+    (None, 0.05, ["An unknown share", "update norm of 0.05"], ["rest carried", "**No learning signal**"]),
+    (0.2, 0.0421, ["20.0% of groups", "the rest carried a learning signal", "0.0421"], ["**No learning signal**"]),
+]
+
+
+@pytest.mark.parametrize("share, norm, says, never", SIGNAL_TEXT_CASES)
+def test_signal_text_names_only_the_cause_it_saw(share, norm, says, never):
+    from grpo_gsm8k.science.report_sections import signal_text
+
+    text = signal_text({"zero_std_share": share, "lora_update_norm": norm})
+    assert all(part in text for part in says) and not any(part in text for part in never), text
+
+
+def test_no_signal_is_in_the_abstract_and_the_limitations(tree, tmp_path):
+    """A reader of the abstract alone must not take a difference for an effect of training that did not happen."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy)
+    write_summary(copy, NO_SIGNAL)
+    md = run_report(copy)[0]
+    for heading in ("Abstract", "Limitations"):
+        assert "no learning signal" in section(md, heading).lower() and "not an effect of training" in \
+            section(md, heading)
+    assert "not an effect of training" not in run_report(tree)[0]  # a run that learned
 
 
 def test_stale_summary_without_diagnostics_is_refused(tree, tmp_path):
@@ -376,7 +412,7 @@ def test_degenerate_answers_are_named_and_not_for_a_run_without_them(tree, rende
         words = section(md, where)
         assert "**Short, degenerate answers**: the tuned model's answers got significantly shorter (mean " in words
         assert "and significantly more often fully formatted (0.0% → 100.0%" in words
-        assert "while accuracy did not improve (10.0% → 10.0%" in words
+        assert "while accuracy did not significantly improve (10.0% → 10.0%" in words
 
 
 # variant, min_tokens, full_tokens: what the method section must say, and must not say
@@ -400,3 +436,15 @@ def test_reward_text_describes_the_variant_that_ran(variant, min_tokens, full_to
     text = reward_text(RewardKnobs(variant, 5.0, min_tokens, full_tokens, 2.5, 1.5))
     assert all(part in text for part in says), text
     assert not any(part in text for part in never), text
+
+
+def test_selection_without_a_validation_curve_quotes_the_params_value(tree, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy)
+    chosen = json.loads((copy / "results" / "select.json").read_text())
+    chosen.update(validation_points=0, validation_step=None,
+                  validation_accuracy={key: None for key in chosen["validation_accuracy"]})
+    (copy / "results" / "select.json").write_text(json.dumps(chosen))
+    selection = section(run_report(copy)[0], "Checkpoint selection")
+    asked = load_params(copy / "params.yaml").data.validation_questions
+    assert asked > 0 and f"(data.validation_questions: {asked}, but no pass reached the training curves)" in selection

@@ -53,6 +53,20 @@ def test_wilson_interval_matches_closed_form(successes, n, alpha):
     assert interval["high"] == pytest.approx(centre + half, abs=1e-12)
 
 
+@pytest.mark.parametrize("n", range(1, 200))
+def test_wilson_interval_holds_its_own_proportion_at_0_and_100_percent(n):
+    """Rounding put the interval's end a hair past 0/n or n/n for some n (7, 9, 14, 18, 20, ...): the accuracy
+    figure's error bars went negative and the stats stage crashed on an all-wrong or all-right set."""
+    for successes in (0, n):
+        interval = st.wilson_interval(successes, n)
+        assert 0.0 <= interval["low"] <= successes / n <= interval["high"] <= 1.0, (successes, n, interval)
+
+
+def test_power_when_accuracy_flips_from_0_to_100_percent_is_reported_not_raised():
+    result = st.power_analysis(0.0, 1.0, 5, 0.0, 20)
+    assert result["questions_needed"] is None and result["note"], result
+
+
 @pytest.mark.parametrize("seed, n", [(0, 20), (1, 5), (2, 40)])
 def test_paired_t_matches_hand_formula(seed, n):
     rng = np.random.default_rng(seed)

@@ -34,12 +34,16 @@ def signal_summary(curves: Curves) -> dict:
     return summary
 
 
+def signal_failures(summary: dict) -> tuple[bool, bool]:
+    """(flat, still): almost every group had identical rewards; the adapter did not move. Either is no signal."""
+    share, norm = summary.get("zero_std_share"), summary.get("lora_update_norm")
+    return share is not None and share > MAX_ZERO_STD_SHARE, norm is not None and norm < MIN_UPDATE_NORM
+
+
 def no_signal_warning(summary: dict) -> str:
     """One warning line when the run had (almost) no learning signal, else ""."""
     share, norm = summary.get("zero_std_share"), summary.get("lora_update_norm")
-    flat = share is not None and share > MAX_ZERO_STD_SHARE
-    still = norm is not None and norm < MIN_UPDATE_NORM
-    if not (flat or still):
+    if not any(signal_failures(summary)):
         return ""
     share_text = "?" if share is None else f"{share:.0%}"
     norm_text = "?" if norm is None else f"{norm:.3g}"

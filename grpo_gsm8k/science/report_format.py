@@ -17,11 +17,21 @@ vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%;bord
 h1{font-size:1.6rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem}code{background:#f5f5f5}"""
 
 
+ALPHAS = (0.1, 0.05, 0.01, 0.001)  # the usual significance levels: a printed p never lands on the other side of one
+
+
 def fmt_p(p, note: str = "") -> str:
-    """A p-value: '<1e-4' when tiny, else four decimals; 'n/a (reason)' when undefined (None or NaN)."""
+    """A p-value: '<1e-4' when tiny, else four decimals, more where four would round it onto a usual alpha
+    (0.04996 is not '0.0500', which would read as not significant); 'n/a (reason)' when undefined (None or NaN)."""
     if p is None or not math.isfinite(p):
         return f"n/a ({md_escape(note)})" if note else "n/a"
-    return "<1e-4" if p < 1e-4 else f"{p:.4f}"
+    if p < 1e-4:
+        return "<1e-4"
+    for digits in range(4, 10):
+        text = f"{p:.{digits}f}"
+        if all((p < alpha) == (float(text) < alpha) for alpha in ALPHAS):
+            break
+    return text
 
 
 def p_is(p, note: str = "") -> str:

@@ -190,7 +190,7 @@ def degenerate_sentence(st: dict) -> str:
     if b["degenerate"]["more_formatted"]:
         changes.append(f"significantly more often fully formatted ({_change_text(b['full_format'])})")
     accuracy = b["accuracy_verdict"]
-    worse = "got significantly worse" if accuracy["direction"] < 0 else "did not improve"
+    worse = "got significantly worse" if accuracy["direction"] < 0 else "did not significantly improve"
     return (f"**Short, degenerate answers**: the tuned model's answers got {' and '.join(changes)} while accuracy "
             f"{worse} ({fmt_pct(st['proportions']['base'])} → {fmt_pct(st['proportions']['tuned'])}, per-question "
             f"{p_is(accuracy['p'])}): the reward was earned by the answers' form, not by solving more problems, the "

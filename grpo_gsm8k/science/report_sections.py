@@ -4,7 +4,8 @@ report_format.py. Pure functions of the loaded inputs (`ReportInputs`); the repo
 """
 from __future__ import annotations
 
-from grpo_gsm8k.science.learning_signal import no_signal_warning
+from grpo_gsm8k.contracts import SELECT_CANDIDATES
+from grpo_gsm8k.science.learning_signal import no_signal_warning, signal_failures
 from grpo_gsm8k.science.report_format import (fmt_count, fmt_interval, fmt_num, fmt_param, fmt_pct, fmt_pp, header,
                                               md_escape, p_is, row)
 from grpo_gsm8k.science.report_render import (TRAINING_FIGURES, ReportInputs, degenerate_sentence, design_text,
@@ -51,6 +52,8 @@ def abstract(inputs: ReportInputs) -> list[str]:
     lines = ["## Abstract", "", text]
     if sentence := degenerate_sentence(st):
         lines += ["", sentence]
+    if no_signal_warning(inputs.summary):
+        lines += ["", f"**No learning signal** in this run's training, {NOT_TRAINING}."]
     reasons = demonstration_reasons(inputs.params)
     if reasons:
         lines += ["", f"**This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
@@ -117,20 +120,26 @@ def method(inputs: ReportInputs) -> list[str]:
 
 
 def signal_text(summary: dict) -> str:
-    """In words: did the groups carry reward spread, and how far did the adapter move from its initialisation."""
+    """In words: did the groups carry reward spread, and how far did the adapter move from its initialisation. A
+    run without signal is named by the cause (or causes) seen, never by one it did not see."""
     share, norm = summary["zero_std_share"], summary["lora_update_norm"]
     if share is None and norm is None:
         return ("No learning-signal diagnostics were logged (frac_reward_zero_std, lora/update_norm), so this report "
                 "cannot say whether training had a signal.")
     moved = "n/a" if norm is None else f"{norm:.3g}"
-    shared = "an unknown share" if share is None else fmt_pct(share)
-    if no_signal_warning(summary):
-        return (f"**No learning signal**: {shared} of groups had identical rewards (frac_reward_zero_std, averaged "
-                f"over the logged steps): their advantages are zero, so GRPO had almost nothing to learn from and "
-                f"the adapter barely changed (LoRA update norm {moved}).")
-    return (f"{shared} of groups had identical rewards (frac_reward_zero_std, averaged over the logged steps), so the "
-            f"rest carried a learning signal; the adapter moved from its initialisation to a LoRA update norm of "
-            f"{moved}.")
+    spread = (f"{'An unknown share' if share is None else fmt_pct(share)} of groups had identical rewards "
+              "(frac_reward_zero_std, averaged over the logged steps)")
+    flat, still = signal_failures(summary)
+    if flat or still:
+        causes = ([f"{spread}: their advantages are zero, so GRPO had almost nothing to learn from"] if flat else []) \
+            + ([f"the adapter did not move from its initialisation (LoRA update norm {moved})"] if still else [])
+        return f"**No learning signal**: {'; and '.join(causes)}."
+    rest = "" if share is None else ", so the rest carried a learning signal"
+    return f"{spread}{rest}; the adapter moved from its initialisation to a LoRA update norm of {moved}."
+
+
+NOT_TRAINING = ("so a difference between the base and the tuned model here is not an effect of training; see "
+                "Training")
 
 
 def training(inputs: ReportInputs) -> list[str]:
@@ -194,15 +203,18 @@ def selection(inputs: ReportInputs) -> list[str]:
              f"{md_escape(sel['reason'])}. The training-reward rule ({md_escape(sel['rule'])}) {verdict} "
              f"Saved checkpoints: steps {fmt_param(sel['saved_steps'])}."]
     if not sel["validation_points"]:
-        return lines + ["", "No validation curve was logged (data.validation_questions: 0), so no choice here was "
-                        "checked on held-out questions."]
-    steps = {"select.step (the study's rule: by hand)": inputs.params.select.step,
-             f"validation rule ({md_escape(sel['validation_rule'])})": sel["validation_step"],
-             "training-reward rule": sel["rule_step"]}
+        asked = inputs.params.data.validation_questions
+        return lines + ["", f"No validation curve was logged (data.validation_questions: {asked}"
+                        + ("" if asked == 0 else ", but no pass reached the training curves") + "), so no choice "
+                        "here was checked on held-out questions."]
+    labels = ("select.step (the study's rule: by hand)", f"validation rule ({md_escape(sel['validation_rule'])})",
+              "training-reward rule")
+    steps = dict(zip(labels, (inputs.params.select.step, sel["validation_step"], sel["rule_step"])))
+    accuracies = [sel["validation_accuracy"][key] for key in SELECT_CANDIDATES]  # by key: select.json is sorted
     lines += ["", f"Every {inputs.params.train.eval_steps} steps the adapters answered {validation['questions']} "
               "held-out questions of the training split (never trained on) greedily; the validation accuracy at "
               "each candidate step:", "", *header("Candidate", "Step", "Validation accuracy", "Evaluated")]
-    for (label, step), accuracy in zip(steps.items(), sel["validation_accuracy"].values()):
+    for (label, step), accuracy in zip(steps.items(), accuracies):
         lines.append(row(label, "none" if step is None else str(step),
                          "not validated" if accuracy is None else fmt_pct(accuracy),
                          "yes" if step == sel["step"] else "no"))
@@ -224,6 +236,8 @@ def limitations(inputs: ReportInputs) -> list[str]:
         lines.append(f"- **This run demonstrates the machinery, not the study's effect**: {'; '.join(reasons)}. "
                      "Its numbers show that the pipeline runs end to end; they are no evidence for or against "
                      "length-gated GRPO.")
+    if no_signal_warning(inputs.summary):
+        lines.append(f"- Training had no learning signal, {NOT_TRAINING}.")
     lines.append(f"- Published reference (the study's own figures, not this run's result): {PUBLISHED}.")
     for s in inputs.sets:
         power, diff = s.stats["power"], s.stats["bootstrap"]["diff"]
@@ -232,7 +246,7 @@ def limitations(inputs: ReportInputs) -> list[str]:
             lines.append(f"- *{s.name}*: the design had {fmt_pct(power['achieved_power'])} power to detect the "
                          f"observed difference ({fmt_pp(diff)}); " + (
                              f"about {needed} questions per model would give {fmt_pct(power['target_power'])}."
-                             if needed is not None else "no number of questions detects a zero difference."))
+                             if needed is not None else f"{md_escape(power['note'])}."))
         for test, note, undefined in stat_notes(s.stats):
             lines.append(f"- *{s.name}*, {test}: {'p-value undefined; ' if undefined else ''}"
                          f"{md_escape(note) or 'no reason recorded'}.")

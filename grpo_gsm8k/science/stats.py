@@ -27,7 +27,10 @@ def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> dict:
     from statsmodels.stats.proportion import proportion_confint
 
     low, high = proportion_confint(successes, n, alpha=alpha, method="wilson")
-    return {"low": float(low), "high": float(high)}
+    # At 0/n and n/n the closed form lands a rounding error past the proportion (1e-17 above 0, 1 - 1e-16 below 1)
+    # for some n; the interval always holds its own proportion.
+    proportion = successes / n
+    return {"low": min(float(low), proportion), "high": max(float(high), proportion)}
 
 
 def two_proportion_ztest(x_tuned: int, n_tuned: int, x_base: int, n_base: int) -> dict:
@@ -290,6 +293,9 @@ def power_analysis(p_base: float, p_tuned: float, samples_per_question: float, i
     except Exception as err:  # noqa: BLE001 - a root-finding failure is reported, not raised
         return {**result, "achieved_power": float(achieved), "effective_n_needed": NAN, "questions_needed": None,
                 "note": f"solve_power failed: {err}".splitlines()[0]}
+    if not math.isfinite(needed):  # e.g. 0% -> 100%: the arcsine effect is at its bound, no root to find
+        return {**result, "achieved_power": float(achieved), "effective_n_needed": NAN, "questions_needed": None,
+                "note": f"solve_power found no sample size (effect size h = {abs(h):.3g})"}
     return {**result, "achieved_power": float(achieved), "effective_n_needed": needed,
             "questions_needed": int(math.ceil(needed * design_effect / k - 1e-9)), "note": ""}
 
