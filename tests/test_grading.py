@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,7 @@ EXTRACTION_CASES = [
     ("#### 2) Total\nSo she pays 72 dollars.", "72", "last_number", False),  # a heading numbered "2)"
     ("#### 72. She pays 72 dollars.", "72", "hash", False),  # guard: an answer then a sentence, not a heading
     ("#### 15. so she has 15", "15", "hash", False),  # guard: lower case reads on, not a title
+    ("#### " + "9" * 30, "9" * 30, "hash", False),  # 30 digits, not rounded to decimal's default 28
 ]
 
 
@@ -221,6 +223,7 @@ MATCH_CASES = [
     ("1,000", "1000", True),  # non-canonical input tolerated
     (None, "72", False),  # nothing extracted
     ("-5", "5", False),  # sign matters
+    ("100000000000000000000000000001", "100000000000000000000000000000", False),  # past decimal's 28 digits too
 ]
 
 
@@ -304,3 +307,29 @@ AGREEMENT_CASES = [
 def test_grade_reports_both_graders(completion, gold, correct, mv_correct):
     result = grade(completion, gold)
     assert (result.correct, result.mv_correct, result.graders_agree) == (correct, mv_correct, correct == mv_correct)
+
+
+# completion: a power sympy would compute for minutes (or until memory runs out) is not handed to math-verify
+UNBOUNDED_POWER_CASES = [
+    ("So the answer is $9^{9^{9}}$.", True),
+    ("#### 18 (since $10^{10^{10}}$ is too big)", True),
+    ("\\boxed{2^{2^{40}}}", True),
+    ("2**3**4", True),
+    ("2^{12345678}", True),
+    ("$2^{10} = 1024$", False),  # guard: ordinary powers are still verified
+    ("x^2+y^2=25, so 5", False),
+    ("\\boxed{3^4}", False),
+]
+
+
+@pytest.mark.parametrize("completion, unbounded", UNBOUNDED_POWER_CASES)
+def test_math_verify_is_never_handed_a_power_tower(completion, unbounded):
+    from grpo_gsm8k.science.grading import _UNBOUNDED_POWER
+
+    assert bool(_UNBOUNDED_POWER.search(completion)) is unbounded
+    if unbounded:
+        started = time.monotonic()
+        assert math_verify_correct(completion, "18") is False and time.monotonic() - started < 5
+    else:
+        assert math_verify_correct(completion, {"$2^{10} = 1024$": "1024", "x^2+y^2=25, so 5": "5"}.get(
+            completion, "81")) is True

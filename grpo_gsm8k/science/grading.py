@@ -28,15 +28,20 @@ import functools
 import logging
 import operator
 import re
+import threading
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation, localcontext
 from typing import NamedTuple
 
 ANSWER_TOLERANCE = Decimal("1e-6")
+EXACT_PRECISION = 400  # digits: a difference of two canonical numbers (magnitudes up to 1e100) is exact within it
 # math-verify runs without its signal-based timeout (see math_verify_correct); the answer sits at the end, so
 # only the tail is parsed, which bounds the time a pathological completion can take.
 MATH_VERIFY_MAX_CHARS = 2000
 MAX_BOX_CHARS = 500
+MATH_VERIFY_TIMEOUT = 5  # seconds, per parse and per verify
+# A power whose exponent is itself a power, or has more than 6 digits: beyond what sympy computes in bounded time.
+_UNBOUNDED_POWER = re.compile(r"(?:\^|\*\*)\s*[{(]?\s*[\w.]*\s*(?:\^|\*\*)|(?:\^|\*\*)\s*[{(]?\s*\d{7}")
 
 # One number as people write it: optional sign and $, thousands groups ("1,000"), decimals, an optional "/den".
 # The look-behind keeps "x2", the "5" of "3.5" and the "10" of "5-10" from reading as a number or a negative.
@@ -119,10 +124,11 @@ def _clean_latex(text: str) -> str:
 
 
 def _format_decimal(value: Decimal) -> str:
-    """Shortest plain spelling: 15.50 -> "15.5", 1E+3 -> "1000", -0 -> "0"."""
+    """Shortest plain spelling: 15.50 -> "15.5", 1E+3 -> "1000", -0 -> "0"; every digit kept (the default context
+    would round to 28)."""
     if value == 0:
         return "0"
-    return format(value.normalize(), "f")
+    return format(value.normalize(Context(prec=max(28, len(value.as_tuple().digits)))), "f")
 
 
 def _match_to_canonical(match: re.Match) -> str | None:
@@ -371,7 +377,8 @@ def answers_match(extracted: str | None, gold: str) -> bool:
     extracted_value, gold_value = canonical_number(extracted), canonical_number(gold)
     if extracted_value is None or gold_value is None:
         return False
-    return abs(Decimal(extracted_value) - Decimal(gold_value)) <= ANSWER_TOLERANCE
+    with localcontext(Context(prec=EXACT_PRECISION)):  # exact for any number the extractor returns
+        return abs(Decimal(extracted_value) - Decimal(gold_value)) <= ANSWER_TOLERANCE
 
 
 def is_correct(completion: str, gold: str) -> bool:
@@ -391,19 +398,25 @@ for _logger_name in ("math_verify.parser", "math_verify.grader"):
 
 
 def math_verify_correct(completion: str, gold: str) -> bool:
-    """math-verify's independent verdict; False on any failure, never raises.
+    """math-verify's independent verdict; False on any failure (or where it cannot finish), never raises.
 
-    Timeouts are disabled (parsing_timeout=None, timeout_seconds=None) because math-verify implements them with
-    signal.alarm, which raises outside the main thread (dataloader workers, TRL's async reward loop).
+    sympy evaluates a power tower ("9^{9^{9}}", "2^{2^{40}}") exactly: minutes of CPU and gigabytes of memory
+    inside one big-integer operation, which no alarm interrupts. Such a completion is not verified at all. The
+    timeouts math-verify offers use signal.alarm, which raises outside the main thread (TRL's async reward loop,
+    dataloader workers): they are on in the main thread (the baseline, evaluate and validation passes) only.
     """
+    tail = completion[-MATH_VERIFY_MAX_CHARS:]
+    if _UNBOUNDED_POWER.search(tail):
+        return False
+    timeout = MATH_VERIFY_TIMEOUT if threading.current_thread() is threading.main_thread() else None
     try:
         from math_verify import parse, verify  # imported lazily: sympy import costs ~1 s
 
-        gold_parsed = parse(normalize_gold(gold), parsing_timeout=None)
-        predicted = parse(completion[-MATH_VERIFY_MAX_CHARS:], parsing_timeout=None)
+        gold_parsed = parse(normalize_gold(gold), parsing_timeout=timeout)
+        predicted = parse(tail, parsing_timeout=timeout)
         if not gold_parsed or not predicted:
             return False
-        return bool(verify(gold_parsed, predicted, timeout_seconds=None))
+        return bool(verify(gold_parsed, predicted, timeout_seconds=timeout))
     except Exception:  # noqa: BLE001 - an audit grader must never take the run down
         return False
 
