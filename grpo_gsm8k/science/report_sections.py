@@ -243,10 +243,11 @@ def limitations(inputs: ReportInputs) -> list[str]:
         power, diff = s.stats["power"], s.stats["bootstrap"]["diff"]
         if power["achieved_power"] < power["target_power"]:
             needed = power["questions_needed"]
+            # Where no sample size is found, the power note below says why.
             lines.append(f"- *{s.name}*: the design had {fmt_pct(power['achieved_power'])} power to detect the "
-                         f"observed difference ({fmt_pp(diff)}); " + (
-                             f"about {needed} questions per model would give {fmt_pct(power['target_power'])}."
-                             if needed is not None else f"{md_escape(power['note'])}."))
+                         f"observed difference ({fmt_pp(diff)})" + (
+                             f"; about {needed} questions per model would give {fmt_pct(power['target_power'])}."
+                             if needed is not None else "."))
         for test, note, undefined in stat_notes(s.stats):
             lines.append(f"- *{s.name}*, {test}: {'p-value undefined; ' if undefined else ''}"
                          f"{md_escape(note) or 'no reason recorded'}.")
