@@ -236,8 +236,11 @@ def test_an_unusable_remote_is_one_error_naming_the_right_fix(tmp_path, s3_env, 
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses a filesystem made with the old environment
-    with pytest.raises(ValueError) as error:
-        train.run(params, **stage_paths(tmp_path))
+    try:
+        with pytest.raises(ValueError) as error:
+            train.run(params, **stage_paths(tmp_path))
+    finally:  # nor may a later test reuse this one's, made with the broken environment
+        s3fs.S3FileSystem.clear_instance_cache()
     message = str(error.value)
     assert "train.checkpoint_remote" in message and says in message and never not in message, message
     assert "\n" not in message
