@@ -143,3 +143,17 @@ def fail() -> Iterator[None]:
     except (ValueError, OSError) as err:
         print(f"error: {error_message(err)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` runs; reaps it first if it is our own exited child (else it stays a zombie)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False

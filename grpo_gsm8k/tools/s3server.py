@@ -40,6 +40,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpo_gsm8k.io import pid_alive
+
 DEV_ACCESS_KEY = "grpo-local-dev"  # local server only, never a real AWS key
 DEV_SECRET_KEY = "grpo-local-dev-secret"
 ACCESS_KEY_VAR = "GRPO_S3_ACCESS_KEY"
@@ -91,20 +93,6 @@ def pick_port_pair(taken: set[int]) -> int:
         if not pair & taken and all(port_is_free(p) for p in pair):
             return port
     raise S3ServerError("no free port pair found on 127.0.0.1")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs; reaps it first if it is our own exited child (else it stays a zombie)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @dataclass

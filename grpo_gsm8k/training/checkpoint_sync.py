@@ -50,7 +50,7 @@ from pathlib import Path
 import fsspec
 from transformers import TrainerCallback
 
-from grpo_gsm8k.io import first_line
+from grpo_gsm8k.io import first_line, pid_alive
 
 logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -475,18 +475,8 @@ def remove_dead_partials(dest_dir: Path, step: int) -> None:
     no later fetch would reuse or remove it, and it would sit in the DVC-tracked checkpoints folder for good."""
     for folder in dest_dir.glob(f".checkpoint-{step}.partial-*"):
         pid = folder.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def fetch_checkpoint(remote_uri: str, step: int, dest_dir: str | Path, storage_options: dict | None = None) -> Path:
